@@ -1,0 +1,219 @@
+"""Frozen, typed configuration: the model, the data and the training run, with named presets.
+
+Defaults live here and nowhere else. A resolved :class:`Config` is saved as JSON beside every
+checkpoint, and loaded back with :func:`Config.from_json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+# The 15 actions of the Kaggle "Human Action Recognition" dataset, in sorted order. Class names
+# of a trained model always come from its data (saved with the checkpoint); this list is only the
+# documented shape of the real dataset.
+HAR_ACTIONS: tuple[str, ...] = (
+    "calling", "clapping", "cycling", "dancing", "drinking", "eating", "fighting", "hugging",
+    "laughing", "listening_to_music", "running", "sitting", "sleeping", "texting", "using_laptop",
+)  # fmt: skip
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEPTHWISE_IMPLS = ("auto", "conv", "shift")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The CNN-LSTM: MobileNetV2 per frame, an LSTM over time, a dense head."""
+
+    num_classes: int = 15  # K: number of output classes.
+    width: float = 1.0  # MobileNetV2 width multiplier (1.0 for the ImageNet weights).
+    image_size: int = 224  # H = W fed to the backbone, after resizing.
+    num_frames: int = 1  # T the model is trained and served with (1 = still images).
+    lstm_units: int = 128  # U: LSTM cell size.
+    lstm_dropout: float = 0.3  # Dropout after the LSTM.
+    head_units: tuple[int, ...] = (256, 128)  # Dense + BatchNorm + ReLU + Dropout blocks.
+    head_dropout: float = 0.3  # Dropout after each head block.
+    dtype: str = "float32"  # Compute dtype; "bfloat16" on GPU/TPU.
+    param_dtype: str = "float32"  # Parameter dtype (kept float32 for optimiser stability).
+    depthwise_impl: str = "auto"  # "conv" (grouped conv), "shift" (9 multiply-adds), "auto".
+    bn_momentum: float = 0.99  # BatchNorm running-average momentum (Keras: 0.999 backbone).
+    pretrained: str = "tflite"  # Backbone init: "tflite" (bundled), "none", or a ported dir.
+
+    def __post_init__(self):
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
+        if self.width <= 0:
+            raise ValueError(f"width must be positive, got {self.width}")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be at least 32, got {self.image_size}")
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be at least 1, got {self.num_frames}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        if self.depthwise_impl not in DEPTHWISE_IMPLS:
+            raise ValueError(
+                f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {self.depthwise_impl!r}"
+            )
+        for name in ("lstm_dropout", "head_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the Kaggle-layout data is and how it is split and read."""
+
+    val_fraction: float = 0.2  # Stratified hold-out of the labelled set.
+    split_seed: int = 42  # Fixes the split; saved in the work directory.
+    skip_bad_images: bool = False  # Skip (and report) unreadable images instead of failing.
+
+    def __post_init__(self):
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimisation, schedule, augmentation and checkpointing."""
+
+    seed: int = 0  # Root PRNG key; fold_in(key, step) per step.
+    batch_size: int = 32  # Global batch, sharded over all devices.
+    epochs: int = 30
+    learning_rate: float = 1e-3  # Peak learning rate (stage 1 / single stage).
+    finetune_learning_rate: float = 1e-4  # Peak rate of stage 2 (whole network).
+    head_only_epochs: int = 5  # Stage 1 epochs with the backbone frozen; 0 = single stage.
+    warmup_epochs: float = 1.0
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay.
+    label_smoothing: float = 0.1
+    early_stopping_patience: int = 7  # Epochs without val-accuracy gain before stopping.
+    augment: bool = True  # Random resized crop, flip, colour jitter, on the accelerator.
+    log_every_steps: int = 20
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything one training run needs; saved as ``config.json`` beside each checkpoint."""
+
+    name: str = "default"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        kw: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            sub = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}.get(f.name)
+            kw[f.name] = _sub_from_dict(sub, d[f.name]) if sub else d[f.name]
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        return cls.from_dict(json.loads(text))
+
+
+def _sub_from_dict(cls, d: dict[str, Any]):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    # JSON has no tuples; restore them where the field is a tuple.
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def tiny() -> Config:
+    """Seconds-per-step on a CPU: width 0.35, 32x32 images, 3 classes. For tests."""
+    return Config(
+        name="tiny",
+        model=ModelConfig(
+            num_classes=3, width=0.35, image_size=32, lstm_units=16, head_units=(32, 16),
+            pretrained="none",
+        ),
+        train=TrainConfig(
+            batch_size=16, epochs=3, head_only_epochs=0, warmup_epochs=0.5,
+            learning_rate=3e-3, early_stopping_patience=100, log_every_steps=5,
+        ),
+    )  # fmt: skip
+
+
+def default() -> Config:
+    """The DESIGN.md model at 224x224 from the bundled ImageNet weights."""
+    return Config()
+
+
+PRESETS = {"tiny": tiny, "default": default}
+
+
+def get_config(name: str) -> Config:
+    """Returns the named preset, or raises ValueError listing the known ones."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown config {name!r}; known: {sorted(PRESETS)}") from None
+
+
+def override(config: Config, overrides: dict[str, Any]) -> Config:
+    """Applies dotted overrides such as ``{"train.batch_size": 64, "model.dtype": "bfloat16"}``.
+
+    Values are converted to the type of the field they replace; a wrong key or value is a
+    ValueError naming it.
+    """
+    groups: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if "." in key:
+            group, field = key.split(".", 1)
+            groups.setdefault(group, {})[field] = value
+        else:
+            top[key] = value
+    for group, fields in groups.items():
+        if group not in ("model", "data", "train"):
+            raise ValueError(f"unknown config group {group!r} in override; use model/data/train")
+        sub = getattr(config, group)
+        known = {f.name: f for f in dataclasses.fields(sub)}
+        converted = {}
+        for k, v in fields.items():
+            if k not in known:
+                raise ValueError(f"unknown field {group}.{k}; known: {sorted(known)}")
+            converted[k] = _convert(v, getattr(sub, k), f"{group}.{k}")
+        config = dataclasses.replace(config, **{group: dataclasses.replace(sub, **converted)})
+    if top:
+        bad = set(top) - {"name"}
+        if bad:
+            raise ValueError(f"unknown config fields {sorted(bad)}")
+        config = dataclasses.replace(config, **top)
+    return config
+
+
+def _convert(value: Any, current: Any, key: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        if isinstance(current, bool):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, tuple):
+            return tuple(int(x) for x in value.split(",") if x)
+    except ValueError:
+        raise ValueError(f"cannot use {value!r} for {key} (a {type(current).__name__})") from None
+    return value

@@ -1,0 +1,38 @@
+"""Model definitions and their construction from a :class:`~har_flax.config.ModelConfig`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from har_flax.config import ModelConfig
+from har_flax.models.cnn_lstm import CNNLSTM, FrameClassifier
+from har_flax.models.mobilenet_v2 import MobileNetV2
+
+__all__ = ["CNNLSTM", "FrameClassifier", "MobileNetV2", "create_model", "init_variables"]
+
+
+def create_model(config: ModelConfig) -> CNNLSTM:
+    """The CNN-LSTM that ``config`` describes."""
+    return CNNLSTM(
+        num_classes=config.num_classes,
+        width=config.width,
+        lstm_units=config.lstm_units,
+        lstm_dropout=config.lstm_dropout,
+        head_units=tuple(config.head_units),
+        head_dropout=config.head_dropout,
+        depthwise_impl=config.depthwise_impl,
+        bn_momentum=config.bn_momentum,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+    )
+
+
+def init_variables(config: ModelConfig, rng: jax.Array) -> dict:
+    """Randomly initialised variables ``{"params", "batch_stats"}`` for ``config`` (T = 1).
+
+    Pretrained backbone weights are put in by :func:`har_flax.weights.load_pretrained_backbone`.
+    """
+    model = create_model(config)
+    frames = jnp.zeros((1, 1, config.image_size, config.image_size, 3), jnp.uint8)
+    return jax.jit(lambda r: model.init(r, frames, train=False))(rng)
