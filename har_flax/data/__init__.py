@@ -1,0 +1,202 @@
+"""Training data: the Kaggle layout -> prepared uint8 arrays -> train / val / test by random access.
+
+:func:`load_splits` is the one entry point for training and evaluation. It prepares the tfds
+array_record copy of the data once (:mod:`har_flax.data.har_builder`), applies the persisted
+stratified split (:mod:`har_flax.data.split`) and returns :class:`ArraySource` s that read
+batches by index. TensorFlow is never needed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from har_flax.config import DataConfig
+from har_flax.data.kaggle import DataError, Issue, raise_issues
+
+__all__ = ["ArraySource", "DataError", "Splits", "load_splits"]
+
+
+class ArraySource:
+    """A subset of one prepared split, read by random access.
+
+    Attributes:
+      filenames: [N] image names, in index order.
+      labels: int32 [N] class indices (-1 for the unlabelled test split).
+      image_size: S.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        records: Sequence[int],
+        filenames: Sequence[str],
+        labels: np.ndarray,
+        image_size: int,
+    ):
+        """Wraps ``source`` (a tfds data source); index i reads record ``records[i]``."""
+        if not len(records) == len(filenames) == len(labels):
+            raise ValueError("records, filenames and labels must have one entry per example")
+        self._source = source
+        self._records = np.asarray(records, dtype=np.int64)
+        self.filenames: tuple[str, ...] = tuple(filenames)
+        self.labels: np.ndarray = np.asarray(labels, dtype=np.int32)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.filenames)
+
+    def __repr__(self) -> str:
+        return f"ArraySource({len(self)} images of {self.image_size}px)"
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Reads the examples at ``indices``.
+
+        Args:
+          indices: [n] positions in this source, each in ``[0, len(self))``.
+
+        Returns:
+          (images uint8 [n, S, S, 3], labels int32 [n]).
+
+        Raises:
+          IndexError: an index is out of range.
+          DataError: the prepared files do not hold the expected image (they were changed).
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"indices out of range [0, {len(self)}): {idx[:8]}")
+        s = self.image_size
+        if not idx.size:
+            return np.zeros((0, s, s, 3), np.uint8), np.zeros((0,), np.int32)
+        examples = self._source.__getitems__(self._records[idx].tolist())
+        for i, ex in zip(idx, examples, strict=True):
+            name = ex["filename"]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            # The name costs nothing to check and catches prepared files out of step.
+            if name != self.filenames[i]:
+                raise DataError(
+                    f"prepared record {self._records[i]} holds {name}, expected "
+                    f"{self.filenames[i]}; delete the prepared copy to rebuild it"
+                )
+        batch = np.stack([ex["image"] for ex in examples])  # (n, S, S, 3)
+        return batch.astype(np.uint8, copy=False), self.labels[idx]
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """The data of one run.
+
+    Attributes:
+      classes: sorted class names; label i is ``classes[i]``.
+      train: the training part of the stratified split.
+      val: the held-out part.
+      test: Kaggle's ``Testing_set.csv`` images (labels -1).
+      skipped: (filename, reason) of every row or image left out (only with
+        ``skip_bad_images``; otherwise bad data raises).
+      dataset_dir: where the prepared arrays are.
+    """
+
+    classes: tuple[str, ...]
+    train: ArraySource
+    val: ArraySource
+    test: ArraySource
+    skipped: list[tuple[str, str]]
+    dataset_dir: Path
+
+
+def load_splits(
+    data_dir: str | Path,
+    workdir: str | Path,
+    *,
+    image_size: int,
+    data_config: DataConfig,
+    download_dir: str | Path | None = None,
+) -> Splits:
+    """Prepares (once) and opens the data of a run.
+
+    Args:
+      data_dir: the Kaggle-layout directory.
+      workdir: the run's directory; ``split.json`` is written here (and read on resume).
+      image_size: S, the side images are resized to.
+      data_config: split fraction and seed, and ``skip_bad_images``.
+      download_dir: the tfds data directory holding prepared copies (default
+        ``workdir/tfds``); share one between runs to prepare each data set and size once.
+
+    Returns:
+      The splits.
+
+    Raises:
+      DataError: bad data (naming the CSV line and image) unless ``skip_bad_images``, a class
+        with a single image, fewer than two classes, or a ``split.json`` that does not match.
+    """
+    from har_flax.data import har_builder, split  # noqa: PLC0415 (tfds only when used)
+
+    workdir = Path(workdir)
+    tfds_dir = Path(download_dir) if download_dir is not None else workdir / "tfds"
+    skip = data_config.skip_bad_images
+    builder = har_builder.prepare(
+        data_dir, image_size=image_size, tfds_dir=tfds_dir, skip_bad_images=skip
+    )
+    meta = builder.info.metadata
+    skipped = [Issue(**d) for d in meta["skipped"]]
+    if skipped and not skip:
+        # Prepared earlier with skipping on; without it the same data is an error.
+        raise_issues(skipped)
+
+    stored_train = [
+        tuple(x) for x in meta["stored"]["train"]
+    ]  # [(filename, label)] in record order
+    counts = collections.Counter(label for _, label in stored_train)
+    singles = [
+        Issue("singleton_label", "train", f, None,
+              f"label {label!r} has a single image ({f}); a stratified split needs at least two")
+        for f, label in stored_train
+        if counts[label] < 2
+    ]  # fmt: skip
+    if singles:
+        if not skip:
+            raise_issues(singles, what="labels that cannot be stratified")
+        skipped.extend(singles)
+    single_files = {i.filename for i in singles}
+    record_of = {f: r for r, (f, _) in enumerate(stored_train) if f not in single_files}
+    label_of = {f: label for f, label in stored_train if f in record_of}
+    classes = tuple(sorted(set(label_of.values())))
+    if len(classes) < 2:
+        raise DataError(f"{data_dir}: need at least two classes with images, found {classes}")
+
+    names = sorted(label_of, key=split.natural_key)
+    train_names, val_names = split.load_or_create_split(
+        workdir,
+        names,
+        [label_of[f] for f in names],
+        fraction=data_config.val_fraction,
+        seed=data_config.split_seed,
+    )
+    index = {c: i for i, c in enumerate(classes)}
+    train_source = builder.as_data_source("train")
+
+    def subset(files: list[str]) -> ArraySource:
+        labels = np.array([index[label_of[f]] for f in files], np.int32)
+        return ArraySource(train_source, [record_of[f] for f in files], files, labels, image_size)
+
+    stored_test = [x[0] for x in meta["stored"].get("test", [])]
+    test = ArraySource(
+        builder.as_data_source("test") if stored_test else None,
+        range(len(stored_test)),
+        stored_test,
+        np.full(len(stored_test), -1, np.int32),
+        image_size,
+    )
+    return Splits(
+        classes=classes,
+        train=subset(train_names),
+        val=subset(val_names),
+        test=test,
+        skipped=[(i.filename or f"line {i.line}", i.message) for i in skipped],
+        dataset_dir=Path(builder.data_dir),
+    )

@@ -1,0 +1,364 @@
+"""Phase 1, exploring a Kaggle-layout data set: what is there and what is wrong with it.
+
+:func:`explore` reads both CSVs and opens every listed image once (in a thread pool): CSV
+structure and anomalies, class distribution, missing and unreadable images, files no CSV lists,
+image size, aspect, mode and format statistics. :func:`write_report` saves it as
+``explore.json``, ``explore.md`` and ``explore.png``, each written atomically.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tqdm
+from PIL import Image
+
+from har_flax import images
+from har_flax.config import HAR_ACTIONS
+from har_flax.data import kaggle
+
+JSON_FILE = "explore.json"
+MARKDOWN_FILE = "explore.md"
+CHART_FILE = "explore.png"
+# Long lists are cut in the Markdown (the JSON has them all).
+_MD_LIST = 30
+
+
+def _probe(path: Path) -> dict[str, Any]:
+    """Size, mode and format of one image file, and whether it decodes (as training would)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return {"error": f"cannot be read ({e.strerror or e})"}
+    info: dict[str, Any] = {"bytes": len(data)}
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            info.update(width=im.size[0], height=im.size[1], mode=im.mode, format=im.format)
+    except Exception:  # noqa: BLE001 (the decode below gives the message a person reads)
+        pass
+    try:
+        # The same decoder as training and serving: unreadable here = unreadable there.
+        next(images.iter_frames(data, field=f"{path.parent.name}/{path.name}"))
+    except images.ImageError as e:
+        info["error"] = e.reason
+    return info
+
+
+def _stats(values: Sequence[float]) -> dict[str, float] | None:
+    if not len(values):
+        return None
+    a = np.asarray(values, dtype=np.float64)
+    return {
+        "min": float(a.min()),
+        "p05": float(np.percentile(a, 5)),
+        "median": float(np.median(a)),
+        "mean": float(a.mean()),
+        "p95": float(np.percentile(a, 95)),
+        "max": float(a.max()),
+    }
+
+
+def _hist(values: Sequence[float], bins: int = 20) -> dict[str, list] | None:
+    if not len(values):
+        return None
+    counts, edges = np.histogram(np.asarray(values, dtype=np.float64), bins=bins)
+    return {"edges": [round(float(e), 4) for e in edges], "counts": counts.tolist()}
+
+
+def _table_summary(
+    root: Path, name: str, columns: Sequence[str], split: str
+) -> tuple[dict[str, Any], kaggle.CsvTable | None]:
+    path = root / name
+    summary: dict[str, Any] = {"file": name, "present": path.is_file(), "required": list(columns)}
+    try:
+        table = kaggle.read_table(path, columns, split=split)
+    except kaggle.DataError as e:
+        summary["error"] = str(e)
+        return summary, None
+    summary.update(
+        columns=list(table.columns),
+        extra_columns=list(table.extra_columns),
+        rows=table.num_rows,
+        usable_rows=len(table.entries),
+        issue_rows=len(table.issues),
+    )
+    return summary, table
+
+
+def explore(data_dir: str | Path, *, workers: int | None = None) -> dict[str, Any]:
+    """Examines a Kaggle-layout directory.
+
+    Args:
+      data_dir: the directory with ``Training_set.csv``, ``Testing_set.csv``, ``train/``,
+        ``test/``.
+      workers: threads that open images (default: one per CPU).
+
+    Returns:
+      A JSON-able report: ``csv`` (per file: columns, rows, structural error),
+      ``anomalies`` (every faulty row or image: kind, split, filename, line, message),
+      ``classes`` (counts, imbalance, labels outside the 15 HAR actions when the data looks
+      like the HAR set), ``images`` (per split: listed, readable, missing, unreadable, unlisted
+      files) and ``sizes`` (width, height, aspect statistics, common sizes, modes, formats).
+
+    Raises:
+      DataError: ``data_dir`` is not a directory.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise kaggle.DataError(f"data directory {root} does not exist")
+    train_csv, train_table = _table_summary(root, kaggle.TRAIN_CSV, kaggle.TRAIN_COLUMNS, "train")
+    test_csv, test_table = _table_summary(root, kaggle.TEST_CSV, kaggle.TEST_COLUMNS, "test")
+    anomalies: list[kaggle.Issue] = []
+    structural = [
+        {"kind": "bad_csv", "file": s["file"], "message": s["error"]}
+        for s in (train_csv, test_csv)
+        if "error" in s
+    ]
+    if train_table is not None and train_table.num_rows == 0:
+        structural.append(
+            {"kind": "bad_csv", "file": kaggle.TRAIN_CSV, "message": "a header but no rows"}
+        )
+
+    entries = {"train": [], "test": []}
+    for split, table in (("train", train_table), ("test", test_table)):
+        if table is not None:
+            anomalies.extend(table.issues)
+            entries[split] = list(table.entries)
+
+    # Labels: spelling variants always; unknown ones against the HAR set when the data is HAR.
+    labels = [e.label for e in entries["train"]]
+    distinct = set(labels)
+    looks_har = len(distinct & set(HAR_ACTIONS)) > len(distinct) / 2
+    label_problems = kaggle.label_issues(
+        entries["train"], kaggle.TRAIN_CSV, HAR_ACTIONS if looks_har else None
+    )
+    anomalies.extend(label_problems)
+    counts = collections.Counter(labels)
+    for label, n in sorted(counts.items()):
+        if n == 1:
+            e = next(e for e in entries["train"] if e.label == label)
+            anomalies.append(
+                kaggle.Issue("singleton_label", "train", e.filename, e.line,
+                             f"{kaggle.TRAIN_CSV} line {e.line}: label {label!r} has a single "
+                             f"image ({e.filename}); a stratified split needs two")
+            )  # fmt: skip
+
+    # Images: every listed file opened once; unlisted files in the folders noted.
+    image_summary: dict[str, Any] = {}
+    sizes: list[tuple[int, int]] = []
+    modes: collections.Counter = collections.Counter()
+    formats: collections.Counter = collections.Counter()
+    file_bytes: list[int] = []
+    workers = workers or os.cpu_count() or 1
+    for split in ("train", "test"):
+        folder = kaggle.TRAIN_DIR if split == "train" else kaggle.TEST_DIR
+        csv_name = kaggle.TRAIN_CSV if split == "train" else kaggle.TEST_CSV
+        missing = kaggle.missing_files(root, split, entries[split])
+        anomalies.extend(missing)
+        gone = {i.line for i in missing}
+        present = [e for e in entries[split] if e.line not in gone]
+        paths = [root / folder / e.filename for e in present]
+        unreadable = []
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            results = pool.map(_probe, paths)
+            bar = tqdm.tqdm(results, total=len(present), desc=f"Reading {split} images", unit="img")
+            for e, info in zip(present, bar, strict=True):
+                if "width" in info:
+                    sizes.append((info["width"], info["height"]))
+                    modes[info["mode"]] += 1
+                    formats[info["format"]] += 1
+                    file_bytes.append(info["bytes"])
+                if "error" in info:
+                    issue = kaggle.Issue("unreadable_image", split, e.filename, e.line,
+                                         f"{csv_name} line {e.line}: {folder}/{e.filename} is "
+                                         f"unreadable: {info['error']}")  # fmt: skip
+                    anomalies.append(issue)
+                    unreadable.append({"filename": e.filename, "reason": info["error"]})
+        table = train_table if split == "train" else test_table
+        # Named by any row, faulty or not: only files no row mentions are "unlisted".
+        listed = {e.filename for e in entries[split]} | {
+            i.filename for i in (table.issues if table else ()) if i.filename
+        }
+        on_disk = (
+            sorted(p.name for p in (root / folder).iterdir()) if (root / folder).is_dir() else []
+        )
+        image_summary[split] = {
+            "folder": folder,
+            "folder_present": (root / folder).is_dir(),
+            "listed": len(entries[split]),
+            "readable": len(present) - len(unreadable),
+            "missing": [i.filename for i in missing],
+            "unreadable": unreadable,
+            "unlisted_files": [n for n in on_disk if n not in listed],
+        }
+
+    widths = [w for w, _ in sizes]
+    heights = [h for _, h in sizes]
+    n_min = min(counts.values()) if counts else 0
+    report = {
+        "data_dir": os.fspath(root),
+        "ok": not (anomalies or structural),
+        "csv": {"train": train_csv, "test": test_csv},
+        "structural_errors": structural,
+        "anomalies": [i.to_dict() for i in sorted(anomalies, key=_issue_order)],
+        "anomaly_counts": dict(collections.Counter(i.kind for i in anomalies)),
+        "classes": {
+            "count": len(counts),
+            "counts": dict(sorted(counts.items())),
+            "looks_like_har": looks_har,
+            "har_actions_absent": sorted(set(HAR_ACTIONS) - distinct) if looks_har else [],
+            "imbalance_ratio": (max(counts.values()) / n_min) if n_min else None,
+        },
+        "images": image_summary,
+        "sizes": {
+            "count": len(sizes),
+            "width": _stats(widths),
+            "height": _stats(heights),
+            "aspect": _stats([w / h for w, h in sizes]),
+            "file_kib": _stats([b / 1024 for b in file_bytes]),
+            "histograms": {
+                "width": _hist(widths),
+                "height": _hist(heights),
+                "aspect": _hist([w / h for w, h in sizes]),
+            },
+            "common_sizes": [
+                {"width": w, "height": h, "count": n}
+                for (w, h), n in collections.Counter(sizes).most_common(10)
+            ],
+            "modes": dict(modes.most_common()),
+            "formats": dict(formats.most_common()),
+        },
+    }
+    return report
+
+
+def _issue_order(i: kaggle.Issue) -> tuple:
+    return (i.split != "train", i.line or 0, i.kind)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """The report as a Markdown page (long lists cut; the JSON has everything)."""
+    out = [f"# Data exploration: `{report['data_dir']}`", ""]
+    n_anom = len(report["anomalies"]) + len(report["structural_errors"])
+    out += ["**No anomalies found.**" if report["ok"] else f"**{n_anom} anomalies found.**", ""]
+    out += ["## CSV files", "", "| file | columns | rows | usable | faulty | note |",
+            "| --- | --- | ---: | ---: | ---: | --- |"]  # fmt: skip
+    for s in report["csv"].values():
+        if "error" in s:
+            out.append(f"| {s['file']} | | | | | {_md(s['error'])} |")
+        else:
+            note = f"extra columns ignored: {s['extra_columns']}" if s["extra_columns"] else ""
+            out.append(
+                f"| {s['file']} | {','.join(s['columns'])} | {s['rows']} | {s['usable_rows']} "
+                f"| {s['issue_rows']} | {note} |"
+            )
+    c = report["classes"]
+    total = sum(c["counts"].values()) or 1
+    out += ["", f"## Classes ({c['count']})", ""]
+    if c["imbalance_ratio"]:
+        out += [f"Largest / smallest class: {c['imbalance_ratio']:.2f}", ""]
+    if c["har_actions_absent"]:
+        out += [f"HAR actions with no image: {', '.join(c['har_actions_absent'])}", ""]
+    out += ["| label | images | share |", "| --- | ---: | ---: |"]
+    out += [f"| {_md(k)} | {v} | {v / total:.1%} |" for k, v in c["counts"].items()]
+    out += ["", "## Images", "", "| split | listed | readable | missing | unreadable | unlisted |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for split, s in report["images"].items():
+        out.append(
+            f"| {split} | {s['listed']} | {s['readable']} | {len(s['missing'])} "
+            f"| {len(s['unreadable'])} | {len(s['unlisted_files'])} |"
+        )
+    sz = report["sizes"]
+    if sz["count"]:
+        out += ["", f"## Image sizes ({sz['count']} images)", ""]
+        out += ["| | min | p5 | median | mean | p95 | max |", "| --- |" + " ---: |" * 6]
+        for key, label in (("width", "width px"), ("height", "height px"),
+                           ("aspect", "aspect w/h"), ("file_kib", "file KiB")):  # fmt: skip
+            st = sz[key]
+            out.append(
+                f"| {label} | "
+                + " | ".join(f"{st[k]:.2f}" for k in ("min", "p05", "median", "mean", "p95", "max"))
+                + " |"
+            )
+        repeated = [x for x in sz["common_sizes"] if x["count"] > 1]
+        common = ", ".join(f"{x['width']}x{x['height']} ({x['count']})" for x in repeated)
+        out += ["", f"Most common sizes: {common}" if common else "No two images share a size.", ""]
+        out += [f"Modes: {sz['modes']}; formats: {sz['formats']}"]
+    out += ["", "## Anomalies", ""]
+    problems = [f"- {_md(e['message'])}" for e in report["structural_errors"]]
+    problems += [f"- `{a['kind']}`: {_md(a['message'])}" for a in report["anomalies"]]
+    if not problems:
+        out.append("None.")
+    out += problems[:_MD_LIST]
+    if len(problems) > _MD_LIST:
+        out.append(f"- ... and {len(problems) - _MD_LIST} more (see {JSON_FILE})")
+    for s in report["images"].values():
+        if s["unlisted_files"]:
+            names = ", ".join(s["unlisted_files"][:_MD_LIST])
+            more = len(s["unlisted_files"]) - _MD_LIST
+            out += ["", f"Files in `{s['folder']}/` no CSV lists: {names}"
+                    + (f" ... and {more} more" if more > 0 else "")]  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def to_png(report: dict[str, Any]) -> bytes:
+    """A chart: class counts, width and height histograms, aspect histogram. PNG bytes."""
+    import matplotlib  # noqa: PLC0415 (only the report needs it)
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    counts = report["classes"]["counts"]
+    fig = Figure(figsize=(15, 5), layout="constrained")
+    ax_c, ax_s, ax_a = fig.subplots(1, 3)
+    names = list(counts)
+    ax_c.barh(names[::-1], [counts[n] for n in names][::-1], color="tab:blue")
+    ax_c.set_title(f"Training images per class ({len(names)} classes)")
+    ax_c.set_xlabel("images")
+    hists = report["sizes"]["histograms"]
+    for key, colour in (("width", "tab:green"), ("height", "tab:purple")):
+        h = hists[key]
+        if h:
+            ax_s.stairs(h["counts"], h["edges"], label=key, color=colour)
+    ax_s.set_title(f"Image sides ({report['sizes']['count']} images)")
+    ax_s.set_xlabel("pixels")
+    ax_s.set_ylabel("images")
+    ax_s.legend()
+    if hists["aspect"]:
+        h = hists["aspect"]
+        ax_a.stairs(h["counts"], h["edges"], fill=True, color="tab:orange")
+        ax_a.axvline(1.0, color="grey", linewidth=0.8)
+    ax_a.set_title("Aspect ratio (width / height)")
+    ax_a.set_xlabel("aspect")
+    ax_a.set_ylabel("images")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Writes ``explore.json``, ``explore.md`` and ``explore.png`` into ``out_dir`` atomically.
+
+    Returns:
+      {"json": path, "markdown": path, "chart": path}.
+    """
+    from har_flax.checkpoint import atomic_write_bytes, atomic_write_text  # noqa: PLC0415
+
+    out = Path(out_dir)
+    paths = {"json": out / JSON_FILE, "markdown": out / MARKDOWN_FILE, "chart": out / CHART_FILE}
+    atomic_write_text(paths["json"], json.dumps(report, indent=2) + "\n")
+    atomic_write_text(paths["markdown"], to_markdown(report))
+    atomic_write_bytes(paths["chart"], to_png(report))
+    return paths

@@ -1,0 +1,287 @@
+"""The tensorflow-datasets builder: Kaggle-layout JPEGs -> pre-resized uint8 arrays, array_record.
+
+Images are decoded and resized once (in a thread pool, with a progress bar) with the same
+:func:`har_flax.images.resize_frame` the Predictor uses, and stored as ``Tensor`` features in
+array_record files, which tfds writes and reads by random access without TensorFlow. The config
+name holds the image size and a fingerprint of the data directory, so 32 px and 224 px copies,
+or copies of an edited data set, never collide::
+
+    TFDS_DIR/har_kaggle/<S>px-<fingerprint>/1.0.0/har_kaggle-{train,test}.array_record-*
+
+Records keep CSV row order (shuffling disabled, keys = CSV line numbers); the builder's
+``info.metadata`` lists the stored files with their labels, and the skipped rows with reasons.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+from etils import epath
+
+from har_flax import images
+from har_flax.data import kaggle
+
+log = logging.getLogger(__name__)
+
+NAME = "har_kaggle"
+# Chunk of rows decoded concurrently: bounds memory while keeping every worker busy.
+_CHUNK = 256
+
+
+@dataclasses.dataclass(eq=False)
+class HarKaggleConfig(tfds.core.BuilderConfig):
+    """One prepared copy: an image size for one state of the data directory.
+
+    Attributes:
+      image_size: S, the side every image is resized to.
+    """
+
+    image_size: int = 224
+
+
+def fingerprint(data_dir: str | Path) -> str:
+    """A short hash of the CSVs' bytes and every image's name, size and mtime.
+
+    Cheap (no image is read): a changed CSV, an added, replaced or deleted image gives a new
+    fingerprint and so a new prepared copy instead of stale arrays.
+    """
+    root = Path(data_dir)
+    h = hashlib.sha256()
+    for name in (kaggle.TRAIN_CSV, kaggle.TEST_CSV):
+        path = root / name
+        h.update(name.encode())
+        h.update(path.read_bytes() if path.is_file() else b"<absent>")
+    for folder in (kaggle.TRAIN_DIR, kaggle.TEST_DIR):
+        path = root / folder
+        if not path.is_dir():
+            continue
+        entries = sorted(
+            (e.name, e.stat().st_size, e.stat().st_mtime_ns)
+            for e in os.scandir(path)
+            if e.is_file()
+        )
+        for name, size, mtime in entries:
+            h.update(f"{folder}/{name}\0{size}\0{mtime}\n".encode())
+    return h.hexdigest()[:12]
+
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """Reads one image file and resizes its first frame: the builder's whole per-image work.
+
+    Args:
+      path: the image file.
+      size: output side S.
+
+    Returns:
+      uint8 (S, S, 3).
+
+    Raises:
+      OSError: the file cannot be read.
+      har_flax.images.ImageError: not a decodable image.
+    """
+    data = path.read_bytes()
+    # Only the first frame: an animated file in a still-image data set stands for its cover.
+    frame = next(images.iter_frames(data, field=f"{path.parent.name}/{path.name}"))
+    return images.resize_frame(frame, size)
+
+
+def _decode_or_reason(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return decode_image(path, size), None
+    except images.ImageError as e:
+        return None, e.reason
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
+
+
+class HarKaggle(tfds.core.GeneratorBasedBuilder):
+    """Kaggle "Human Action Recognition" layout, or any data set in that layout."""
+
+    name = NAME
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Pre-resized uint8 Tensor features, CSV row order."}
+    BUILDER_CONFIGS = [HarKaggleConfig(name="224px", image_size=224)]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    Download and unzip the Kaggle data set into the manual directory (the --data-dir):
+      kaggle datasets download -d meetnagadia/human-action-recognition-har-dataset
+      unzip human-action-recognition-har-dataset.zip -d DATA
+    It must hold Training_set.csv (filename,label), Testing_set.csv (filename),
+    train/Image_N.jpg and test/Image_N.jpg. Any data set in this layout works.
+    """
+
+    def __init__(self, *, skip_bad_images: bool = False, workers: int | None = None, **kwargs):
+        """See :class:`tfds.core.GeneratorBasedBuilder`.
+
+        Args:
+          skip_bad_images: skip (and list in ``info.metadata["skipped"]``) bad rows and images
+            instead of failing on them.
+          workers: decoding threads (default: one per CPU).
+          **kwargs: ``data_dir``, ``config``, ... as for any tfds builder.
+        """
+        self._skip_bad_images = skip_bad_images
+        self._workers = workers or os.cpu_count() or 1
+        super().__init__(**kwargs)
+
+    # tfds derives this from the package's resources, which for an editable install is a
+    # MultiplexedPath that tfds 4.9 checks against the absent `importlib_resources` backport.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(__file__)
+
+    @property
+    def image_size(self) -> int:
+        return self.builder_config.image_size
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        s = self.image_size
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Human actions in still images, resized to uint8 squares.",
+            features=tfds.features.FeaturesDict(
+                {
+                    # Tensor, not Image: Image features need TensorFlow to encode/decode.
+                    "image": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8),
+                    # Index into metadata["classes"]; -1 in the unlabelled test split.
+                    "label": tfds.features.Scalar(dtype=np.int32),
+                    "filename": tfds.features.Text(),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            homepage="https://www.kaggle.com/datasets/meetnagadia/human-action-recognition-har-dataset",
+            metadata=tfds.core.MetadataDict(),
+            # CSV order (keys are line numbers): the stored order is known without reading it.
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        layout = kaggle.read_layout(dl_manager.manual_dir)
+        if not self._skip_bad_images:
+            kaggle.raise_issues(layout.issues)
+        meta = self.info.metadata
+        meta.update(
+            classes=list(layout.classes),
+            image_size=self.image_size,
+            source=os.fspath(layout.root),
+            skipped=[i.to_dict() for i in layout.issues],
+            stored={},
+        )
+        splits = {"train": self._generate_examples(layout, "train", layout.train)}
+        # tfds cannot store an empty split; a data set without test images simply has none.
+        if layout.test:
+            splits["test"] = self._generate_examples(layout, "test", layout.test)
+        return splits
+
+    def _generate_examples(
+        self, layout: kaggle.Layout, split: str, entries: Sequence[kaggle.Entry]
+    ) -> Iterator[tuple[int, dict]]:
+        size = self.image_size
+        index = {c: i for i, c in enumerate(layout.classes)}
+        csv_name = kaggle.TRAIN_CSV if split == "train" else kaggle.TEST_CSV
+        stored: list[list] = []
+        bad: list[kaggle.Issue] = []
+        bar = tqdm.tqdm(total=len(entries), desc=f"Decoding {split} images to {size}px", unit="img")
+        with bar, concurrent.futures.ThreadPoolExecutor(self._workers) as pool:
+            for start in range(0, len(entries), _CHUNK):
+                chunk = entries[start : start + _CHUNK]
+                paths = [layout.image_path(split, e.filename) for e in chunk]
+                for e, (array, reason) in zip(
+                    chunk, pool.map(_decode_or_reason, paths, [size] * len(chunk)), strict=True
+                ):
+                    bar.update()
+                    if array is None:
+                        folder = kaggle.TRAIN_DIR if split == "train" else kaggle.TEST_DIR
+                        bad.append(
+                            kaggle.Issue("unreadable_image", split, e.filename, e.line,
+                                         f"{csv_name} line {e.line}: {folder}/{e.filename} is "
+                                         f"unreadable: {reason}")
+                        )  # fmt: skip
+                        continue
+                    stored.append([e.filename, e.label] if split == "train" else [e.filename])
+                    label = index[e.label] if split == "train" else -1
+                    yield e.line, {"image": array, "label": label, "filename": e.filename}
+        if bad and not self._skip_bad_images:
+            # Every unreadable image at once, not one per attempt.
+            kaggle.raise_issues(bad, what=f"unreadable {split} images")
+        meta = self.info.metadata
+        meta["skipped"] = meta["skipped"] + [i.to_dict() for i in bad]
+        meta["stored"] = {**meta["stored"], split: stored}
+
+
+def builder_for(
+    data_dir: str | Path,
+    *,
+    image_size: int,
+    tfds_dir: str | Path,
+    skip_bad_images: bool = False,
+    workers: int | None = None,
+) -> HarKaggle:
+    """The builder of ``data_dir`` at ``image_size`` (prepared or not) cached under ``tfds_dir``."""
+    config = HarKaggleConfig(
+        name=f"{image_size}px-{fingerprint(data_dir)}",
+        image_size=image_size,
+        description=f"{image_size}x{image_size} arrays of {os.fspath(data_dir)}",
+    )
+    return HarKaggle(
+        data_dir=os.fspath(tfds_dir),
+        config=config,
+        skip_bad_images=skip_bad_images,
+        workers=workers,
+    )
+
+
+def prepare(
+    data_dir: str | Path,
+    *,
+    image_size: int,
+    tfds_dir: str | Path,
+    skip_bad_images: bool = False,
+    workers: int | None = None,
+) -> HarKaggle:
+    """Builds the arrays once (a no-op when this data at this size is already prepared).
+
+    Args:
+      data_dir: the Kaggle-layout directory (the tfds manual directory).
+      image_size: S.
+      tfds_dir: where prepared copies are kept (a tfds ``data_dir``).
+      skip_bad_images: skip and list bad rows/images instead of raising.
+      workers: decoding threads.
+
+    Returns:
+      The prepared builder; ``as_data_source(split)`` reads it by random access.
+
+    Raises:
+      har_flax.data.kaggle.DataError: bad data and ``skip_bad_images`` is False.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise kaggle.DataError(f"data directory {data_dir} does not exist")
+    builder = builder_for(
+        data_dir,
+        image_size=image_size,
+        tfds_dir=tfds_dir,
+        skip_bad_images=skip_bad_images,
+        workers=workers,
+    )
+    if not builder.is_prepared():
+        log.info("preparing %s at %dpx into %s", data_dir, image_size, builder.data_dir)
+        try:
+            builder.download_and_prepare(
+                file_format="array_record",
+                download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir)),
+            )
+        except AssertionError as e:
+            if "No examples were yielded" not in str(e):
+                raise
+            # Every image of a split was skipped as unreadable.
+            raise kaggle.DataError(f"{data_dir}: no readable image left in a split ({e})") from e
+    return builder

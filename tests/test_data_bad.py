@@ -1,0 +1,177 @@
+"""Bad data: each fault is an error naming CSV line and file, or skipped and listed on request."""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+
+import pytest
+from PIL import Image
+
+from har_flax.config import DataConfig
+from har_flax.data import DataError, load_splits
+from har_flax.data.synthetic import write_synthetic_kaggle
+
+SKIP = DataConfig(skip_bad_images=True)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    # 3 classes x 4 images: lines 2..13 of Training_set.csv; 3 test images.
+    return write_synthetic_kaggle(
+        tmp_path_factory.mktemp("base") / "data", train_per_class=4, test_count=3,
+        min_size=32, max_size=48, seed=9,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def data(base, tmp_path):
+    shutil.copytree(base, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def _read(path):
+    with path.open(newline="") as f:
+        return list(csv.reader(f))
+
+
+def _write(path, rows):
+    with path.open("w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+
+
+def _edit_train(data, fn):
+    rows = _read(data / "Training_set.csv")
+    _write(data / "Training_set.csv", fn(rows))
+
+
+def _label(data, filename):
+    return dict(_read(data / "Training_set.csv")[1:])[filename]
+
+
+def _other_label(data, filename):
+    mine = _label(data, filename)
+    return next(r[1] for r in _read(data / "Training_set.csv")[1:] if r[1] != mine)
+
+
+def missing_file(data):
+    (data / "train/Image_2.jpg").unlink()
+    return "Image_2.jpg", r"Training_set.csv line 3: train/Image_2.jpg does not exist"
+
+
+def corrupt_jpeg(data):
+    path = data / "train/Image_3.jpg"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return "Image_3.jpg", r"Training_set.csv line 4: train/Image_3.jpg is unreadable: truncated"
+
+
+def not_an_image(data):
+    (data / "test/Image_1.jpg").write_text("hello")
+    return "Image_1.jpg", r"Testing_set.csv line 2: test/Image_1.jpg is unreadable: text"
+
+
+def duplicate_row(data):
+    _edit_train(data, lambda rows: rows + [rows[1]])
+    return "Image_1.jpg", r"Training_set.csv line 14: duplicate of line 2 \(Image_1.jpg\)"
+
+
+def conflicting_labels(data):
+    other = _other_label(data, "Image_1.jpg")
+    _edit_train(data, lambda rows: rows + [["Image_1.jpg", other]])
+    return "Image_1.jpg", r"line 2: Image_1.jpg has conflicting labels"
+
+
+def empty_label(data):
+    _edit_train(data, lambda rows: [r if r[0] != "Image_5.jpg" else [r[0], ""] for r in rows])
+    return "Image_5.jpg", r"Training_set.csv line 6: Image_5.jpg has an empty label"
+
+
+def misspelt_label(data):
+    wrong = _label(data, "Image_6.jpg").upper()
+    _edit_train(data, lambda rows: [r if r[0] != "Image_6.jpg" else [r[0], wrong] for r in rows])
+    return "Image_6.jpg", rf"line 7: label '{wrong}' of Image_6.jpg looks like a misspelling"
+
+
+def single_image_label(data):
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(data / "train/Image_13.jpg")
+    _edit_train(data, lambda rows: rows + [["Image_13.jpg", "dancing"]])
+    return "Image_13.jpg", r"label 'dancing' has a single image \(Image_13.jpg\)"
+
+
+def path_as_filename(data):
+    _edit_train(data, lambda rows: rows + [["../Training_set.csv", "x"]])
+    return "../Training_set.csv", r"line 14: '../Training_set.csv' is not a plain file name"
+
+
+def malformed_row(data):
+    _edit_train(data, lambda rows: rows + [["Image_1.jpg", "a", "b"]])
+    return None, r"Training_set.csv line 14: 3 fields for 2 columns"
+
+
+ROW_FAULTS = [
+    missing_file, corrupt_jpeg, not_an_image, duplicate_row, conflicting_labels, empty_label,
+    misspelt_label, single_image_label, path_as_filename, malformed_row,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fault", ROW_FAULTS, ids=lambda f: f.__name__)
+def test_row_fault_is_an_error_or_skipped_and_listed(fault, data, tmp_path):
+    filename, message = fault(data)
+    with pytest.raises(DataError, match=message) as e:
+        load_splits(data, tmp_path / "strict", image_size=32, data_config=DataConfig())
+    assert "skip_bad_images" in str(e.value)  # says how to go on
+
+    splits = load_splits(data, tmp_path / "lenient", image_size=32, data_config=SKIP)
+    listed = [(f, reason) for f, reason in splits.skipped if (f == filename or filename is None)]
+    assert any(re.search(message, reason) for _, reason in listed), splits.skipped
+    kept = set(splits.train.filenames) | set(splits.val.filenames) | set(splits.test.filenames)
+    if fault in (duplicate_row,):
+        assert filename in kept  # the first copy stays
+    elif fault is not_an_image:
+        assert filename not in splits.test.filenames
+    elif filename is not None:
+        assert filename not in set(splits.train.filenames) | set(splits.val.filenames)
+    assert set(splits.classes) == {"calling", "clapping", "cycling"}
+    # Every kept image is still readable by index.
+    images, _ = splits.train.get_batch(range(len(splits.train)))
+    assert len(images) == len(splits.train)
+
+
+def test_prepared_with_skipping_is_still_an_error_without_it(data, tmp_path):
+    corrupt_jpeg(data)
+    load_splits(data, tmp_path / "a", image_size=32, data_config=SKIP,
+                download_dir=tmp_path / "tfds")  # fmt: skip
+    with pytest.raises(DataError, match="train/Image_3.jpg is unreadable"):
+        load_splits(data, tmp_path / "b", image_size=32, data_config=DataConfig(),
+                    download_dir=tmp_path / "tfds")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", r"Training_set.csv is empty; it needs a header line: filename,label"),
+        ("filename,label\n", r"Training_set.csv has a header but no rows"),
+        ("file,class\nImage_1.jpg,calling\n", r"lacks \['filename', 'label'\]"),
+    ],
+    ids=["empty", "header_only", "wrong_columns"],
+)
+def test_structural_faults_are_errors_even_when_skipping(content, message, data, tmp_path):
+    (data / "Training_set.csv").write_text(content)
+    for config in (DataConfig(), SKIP):
+        with pytest.raises(DataError, match=message):
+            load_splits(data, tmp_path, image_size=32, data_config=config)
+
+
+def test_missing_layout(data, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_splits(tmp_path / "nowhere", tmp_path, image_size=32, data_config=DataConfig())
+    (data / "Training_set.csv").unlink()
+    with pytest.raises(DataError, match=r"Training_set.csv not found. Expected the Kaggle"):
+        load_splits(data, tmp_path, image_size=32, data_config=DataConfig())
+
+
+def test_without_testing_set_the_test_split_is_empty(data, tmp_path):
+    (data / "Testing_set.csv").unlink()
+    splits = load_splits(data, tmp_path, image_size=32, data_config=DataConfig())
+    assert len(splits.test) == 0 and len(splits.train) + len(splits.val) == 12

@@ -1,0 +1,136 @@
+"""har-explore: the report finds injected anomalies and gets counts and sizes right."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from har_flax.data.explore import explore, write_report
+from har_flax.data.synthetic import write_synthetic_kaggle
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+    """A synthetic set (3 HAR classes x 4) with one of each anomaly injected."""
+    root = write_synthetic_kaggle(
+        tmp_path_factory.mktemp("messy") / "data", train_per_class=4, test_count=3,
+        min_size=32, max_size=64, seed=11,
+    )  # fmt: skip
+    lines = (root / "Training_set.csv").read_text().splitlines()
+    lines += [
+        lines[1],  # line 14: duplicate of line 2
+        "Image_20.jpg,calling",  # line 15: missing file
+        "Image_21.jpg,",  # line 16: empty label
+        "Image_22.jpg,jumping",  # line 17: not a HAR action (and a single image)
+    ]
+    (root / "Training_set.csv").write_text("\n".join(lines) + "\n")
+    Image.new("RGB", (50, 30), (1, 2, 3)).save(root / "train/Image_22.jpg")
+    Image.new("RGB", (50, 30), (1, 2, 3)).save(root / "train/Image_21.jpg")
+    (root / "train/Image_4.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    Image.new("RGB", (40, 40)).save(root / "train/stray.png")
+    (root / "Testing_set.csv").write_text("file\nImage_1.jpg\n")  # wrong column
+    return root
+
+
+def test_report_lists_every_injected_anomaly(messy):
+    report = explore(messy, workers=2)
+    assert not report["ok"]
+    by_kind = {}
+    for a in report["anomalies"]:
+        by_kind.setdefault(a["kind"], []).append((a["filename"], a["line"]))
+    assert by_kind["duplicate_row"] == [("Image_1.jpg", 14)]
+    assert by_kind["missing_file"] == [("Image_20.jpg", 15)]
+    assert by_kind["empty_label"] == [("Image_21.jpg", 16)]
+    assert by_kind["unknown_label"] == [("Image_22.jpg", 17)]
+    assert by_kind["singleton_label"] == [("Image_22.jpg", 17)]
+    assert by_kind["unreadable_image"] == [("Image_4.jpg", 5)]
+    assert report["anomaly_counts"]["duplicate_row"] == 1
+    [structural] = report["structural_errors"]
+    assert structural["file"] == "Testing_set.csv" and "lacks ['filename']" in structural["message"]
+    assert report["csv"]["train"]["rows"] == 16 and report["csv"]["train"]["columns"] == [
+        "filename", "label",
+    ]  # fmt: skip
+    train = report["images"]["train"]
+    assert train["missing"] == ["Image_20.jpg"]
+    assert [u["filename"] for u in train["unreadable"]] == ["Image_4.jpg"]
+    assert train["unlisted_files"] == ["stray.png"]
+    assert report["classes"]["looks_like_har"]
+
+
+def test_class_counts_and_size_statistics_are_exact(messy):
+    report = explore(messy, workers=1)
+    rows = [line.split(",") for line in (messy / "Training_set.csv").read_text().splitlines()[1:]]
+    good = {f: lab for f, lab in rows[:12]}  # the synthetic rows, before injection
+    expected = {c: list(good.values()).count(c) for c in ("calling", "clapping", "cycling")}
+    expected["calling"] += 1  # Image_20: listed, though its file is missing
+    expected["jumping"] = 1
+    assert report["classes"]["counts"] == expected
+    # Sizes of every readable image of a good row (Image_4 is corrupt), read independently.
+    names = [f for f in good if f != "Image_4.jpg"] + ["Image_22.jpg"]
+    sizes = [Image.open(messy / "train" / f).size for f in names]
+    assert report["sizes"]["count"] == len(sizes)  # no test images: Testing_set.csv is broken
+    w = np.array([s[0] for s in sizes])
+    aspect = np.array([s[0] / s[1] for s in sizes])
+    assert report["sizes"]["width"]["min"] == w.min()
+    assert report["sizes"]["width"]["max"] == w.max()
+    assert report["sizes"]["width"]["median"] == pytest.approx(np.median(w))
+    assert report["sizes"]["aspect"]["mean"] == pytest.approx(aspect.mean())
+    assert report["sizes"]["formats"] == {"JPEG": len(sizes)}
+
+
+def test_written_files(messy, tmp_path):
+    report = explore(messy)
+    paths = write_report(report, tmp_path / "out")
+    assert json.loads(paths["json"].read_text()) == report
+    md = paths["markdown"].read_text()
+    assert "Training_set.csv line 14: duplicate of line 2 (Image_1.jpg)" in md
+    assert "train/Image_20.jpg does not exist" in md
+    assert "| jumping | 1 |" in md
+    assert "stray.png" in md
+    with Image.open(paths["chart"]) as im:
+        assert im.format == "PNG" and im.size[0] > 600
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "explore.json",
+        "explore.md",
+        "explore.png",
+    ]  # fmt: skip  (atomic writes leave no temporary files)
+
+
+def test_clean_set_is_ok(tmp_path):
+    root = write_synthetic_kaggle(tmp_path, train_per_class=2, test_count=2, min_size=32,
+                                  max_size=40)  # fmt: skip
+    report = explore(root)
+    assert report["ok"] and report["anomalies"] == [] and report["structural_errors"] == []
+    assert report["images"]["test"]["readable"] == 2
+
+
+def test_script_subprocess(messy, tmp_path):
+    out = tmp_path / "report"
+    run = subprocess.run(
+        [sys.executable, "scripts/explore.py", "--data-dir", str(messy), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "anomalies" in run.stdout and "Testing_set.csv" in run.stdout
+    assert json.loads((out / "explore.json").read_text())["classes"]["count"] == 4
+    strict = subprocess.run(
+        [sys.executable, "scripts/explore.py", "--data-dir", str(messy), "--out", str(out),
+         "--strict"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert strict.returncode == 1
+    bad = subprocess.run(
+        [sys.executable, "scripts/explore.py", "--data-dir", str(tmp_path / "nope"), "--out",
+         str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "is not a directory" in bad.stderr
+    assert "Traceback" not in bad.stderr
