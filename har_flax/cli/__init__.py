@@ -1,0 +1,1 @@
+"""Console-script entry points (``har-*``): parse arguments, call the library, report errors."""
