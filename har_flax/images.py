@@ -1,0 +1,309 @@
+"""Image decoding for uploads and training data: bytes -> RGB uint8 frames, and the one resize.
+
+Survives what real clients send (EXIF-rotated phone photos, transparency, CMYK, 16-bit
+grayscale, 1-bit, animated GIF/WebP) and refuses what would hurt a server (empty, truncated or
+non-image bytes, decompression bombs, too many frames) with an :class:`ImageError` that names the
+request field and frame at fault. Pure Pillow + NumPy: no JAX, so it imports in milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Iterator
+
+import numpy as np
+from PIL import ExifTags, Image
+
+# What the API accepts (protos/har/v1/har.proto). The JPEG opener also returns "MPO" for the
+# multi-picture JPEGs many phones write (the photo plus previews or depth maps); only its first
+# picture, the photo, is used.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
+ACCEPTED_FORMATS_TEXT = "JPEG, PNG, WebP, GIF or BMP"
+# Formats whose extra frames are an animation. Others (MPO previews) only contribute frame 0.
+ANIMATED_FORMATS = ("GIF", "WEBP", "PNG")
+
+_MIB = 1024 * 1024
+
+# EXIF Orientation -> the transpose that makes the image upright (the table in
+# PIL.ImageOps.exif_transpose; applied per frame here because converted frames lose their EXIF).
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageLimits:
+    """What one request may cost to decode. Each limit fails with a clear :class:`ImageError`."""
+
+    max_bytes: int = 16 * _MIB  # Encoded size of one image.
+    # Width x height of one frame, checked from the header. (Pillow's own guard refuses above
+    # 2 x PIL.Image.MAX_IMAGE_PIXELS, about 179 M, whatever this says.)
+    max_pixels: int = 40_000_000
+    max_frames: int = 64  # Frames in one request (all images, animated ones counted per frame).
+    min_side: int = 8  # Smallest width or height worth classifying.
+    # Decoded pixels of one request summed over all frames: an animated GIF of 64 frames at the
+    # per-frame limit is a few MB on disk but billions of pixels to decode.
+    max_total_pixels: int = 128_000_000
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise ValueError(
+                    f"ImageLimits.{f.name} must be positive, got {getattr(self, f.name)}"
+                )
+
+
+class ImageError(ValueError):
+    """An image in a request cannot be used. ``str(e)`` is a message a person can act on.
+
+    Attributes:
+      field: the request field at fault, e.g. ``"images[2]"``.
+      frame: the frame index inside that image (animated images), or None.
+      reason: the message without the field prefix.
+    """
+
+    def __init__(self, reason: str, *, field: str, frame: int | None = None):
+        where = field if frame is None else f"{field} frame {frame}"
+        super().__init__(f"{where}: {reason}")
+        self.reason = reason
+        self.field = field
+        self.frame = frame
+
+
+class InvalidImageError(ImageError):
+    """Not a usable image: empty, truncated, not an image at all, too small, unsupported."""
+
+
+class ImageTooLargeError(ImageError):
+    """Over a limit: too many bytes, pixels or frames."""
+
+
+def _describe_non_image(data: bytes) -> str:
+    """A guess at what non-image bytes are, so the error says more than 'cannot identify'."""
+    head = data[:512]
+    if head.startswith(b"%PDF"):
+        return "a PDF document"
+    if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypmsf1", b"ftyphevc"):
+        return "a HEIC/HEIF photo, which is not supported (export it as JPEG)"
+    if head[4:12] == b"ftypavif":
+        return "an AVIF image, which is not supported (export it as JPEG or PNG)"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "a TIFF image, which is not supported (convert it to PNG)"
+    if head.startswith(b"PK\x03\x04"):
+        return "a ZIP archive"
+    stripped = head.lstrip().lower()
+    if stripped.startswith((b"<svg", b"<?xml")):
+        return "an XML/SVG document (vector images are not supported; export a PNG)"
+    if stripped.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page"
+    try:
+        head.decode("utf-8")
+        return "text"
+    except UnicodeDecodeError:
+        return "not an image"
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> RGB uint8 (H, W, 3); transparency composited over white."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit samples: map [0, 65535] to [0, 255]. (Pillow's own convert("L") clips at 255,
+        # which turns any ordinary 16-bit photo white.)
+        a = np.asarray(im).astype(np.int64)  # (H, W)
+        a = (np.clip(a, 0, 65535) * 255 + 32767) // 65535
+        return np.repeat(a.astype(np.uint8)[..., None], 3, axis=-1)
+    if mode == "F":
+        # Floating point: [0, 1] if it looks normalised, else already on the 8-bit scale.
+        a = np.asarray(im, dtype=np.float64)
+        a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
+        if a.size and a.max() <= 1.0:
+            a = a * 255.0
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=-1)
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        im.info.get("transparency") is not None
+    )
+    if has_alpha:
+        try:
+            im = im.convert("RGBA")  # also applies palette / colour-key transparency
+        except ValueError:
+            has_alpha = False  # a mode whose transparency Pillow cannot express; ignore it
+    if not has_alpha:
+        if mode != "RGB":
+            # L, 1, P, CMYK, YCbCr, ...: Pillow's conversions are exact for these.
+            im = im.convert("RGB")
+        return np.asarray(im, dtype=np.uint8).copy()
+    rgba = np.asarray(im, dtype=np.uint16)  # (H, W, 4)
+    alpha = rgba[..., 3:]
+    rgb = (rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255  # over white, rounded
+    return rgb.astype(np.uint8)
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF Orientation tag (1 = upright); a corrupt EXIF block counts as upright."""
+    try:
+        return int(im.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # Pillow raises many types on malformed EXIF; never fail a photo for it.
+        return 1
+
+
+def iter_frames(
+    data: bytes, *, limits: ImageLimits = ImageLimits(), field: str = "images[0]", budget=None
+) -> Iterator[np.ndarray]:
+    """Decodes ``data`` lazily, one frame at a time (see :func:`decode_frames`).
+
+    Every limit that the header can answer (bytes, pixels, frames) is checked before any pixel
+    is decoded. ``budget`` is an optional ``[frames_left, pixels_left]`` list shared by the
+    images of one request and decremented in place.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{field}: expected encoded image bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if not data:
+        raise InvalidImageError("empty: no image bytes were sent", field=field)
+    if len(data) > limits.max_bytes:
+        raise ImageTooLargeError(
+            f"{len(data) / _MIB:.1f} MiB is over the {limits.max_bytes / _MIB:.1f} MiB limit "
+            "per image; send a smaller or more compressed image",
+            field=field,
+        )
+    try:
+        im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError(
+            f"the image claims so many pixels that decoding it would exhaust memory "
+            f"(limit {limits.max_pixels:,} pixels)",
+            field=field,
+        ) from None
+    except Image.UnidentifiedImageError:
+        raise InvalidImageError(
+            f"{_describe_non_image(data)}, not an image har-flax can read; "
+            f"send {ACCEPTED_FORMATS_TEXT}",
+            field=field,
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
+        raise InvalidImageError(f"corrupt or truncated image header ({e})", field=field) from None
+
+    with im:
+        fmt = im.format or "?"
+        try:
+            n_frames = int(getattr(im, "n_frames", 1)) if fmt in ANIMATED_FORMATS else 1
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise InvalidImageError(f"corrupt {fmt} animation ({e})", field=field) from None
+        width, height = im.size
+        if width * height > limits.max_pixels:
+            raise ImageTooLargeError(
+                f"{width}x{height} is {width * height:,} pixels, over the limit of "
+                f"{limits.max_pixels:,} per frame; downscale it first",
+                field=field,
+            )
+        if min(width, height) < limits.min_side:
+            raise InvalidImageError(
+                f"{width}x{height} pixels is too small to classify; both sides must be at "
+                f"least {limits.min_side} pixels",
+                field=field,
+            )
+        if budget is None:
+            budget = [limits.max_frames, limits.max_total_pixels]
+        # Earlier images of the same request have used part of the budget already.
+        earlier = limits.max_frames - budget[0]
+        these = f"{n_frames} frames" + (f" after {earlier} earlier ones" if earlier else "")
+        if n_frames > budget[0]:
+            raise ImageTooLargeError(
+                f"{these} is over the limit of {limits.max_frames} frames per request",
+                field=field,
+            )
+        if n_frames * width * height > budget[1]:
+            raise ImageTooLargeError(
+                f"{these} of {width}x{height} pixels is over the limit of "
+                f"{limits.max_total_pixels:,} decoded pixels per request",
+                field=field,
+            )
+        budget[0] -= n_frames
+        budget[1] -= n_frames * width * height
+
+        transpose = None
+        for index in range(n_frames):
+            frame = index if n_frames > 1 else None
+            try:
+                if index:
+                    im.seek(index)
+                if im.size != (width, height):  # frames of one file share the canvas size
+                    raise InvalidImageError(
+                        f"frame size {im.size} differs from the image's {width}x{height}",
+                        field=field,
+                        frame=frame,
+                    )
+                im.load()
+                if index == 0:
+                    # Read after load: PNG may carry its eXIf chunk after the pixel data.
+                    transpose = _ORIENTATION_TRANSPOSE.get(_orientation(im))
+                rgb = _to_rgb(im)
+            except ImageError:
+                raise
+            except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
+                raise InvalidImageError(
+                    f"truncated or corrupt {fmt} data, cannot decode it ({e})",
+                    field=field,
+                    frame=frame,
+                ) from None
+            if transpose is not None:
+                rgb = np.asarray(Image.fromarray(rgb).transpose(transpose))
+            yield np.ascontiguousarray(rgb)
+
+
+def decode_frames(
+    data: bytes, *, limits: ImageLimits = ImageLimits(), field: str = "images[0]"
+) -> list[np.ndarray]:
+    """Decodes one encoded image (JPEG, PNG, WebP, GIF, BMP) into upright RGB frames.
+
+    EXIF orientation is applied; transparency (RGBA, LA, palette or colour-key) is composited
+    over white; CMYK, grayscale, 16-bit grayscale (scaled, not clipped) and 1-bit become RGB.
+    An animated GIF/WebP/PNG gives all its frames, each the full composited canvas.
+
+    Args:
+      data: the encoded file.
+      limits: size limits; pixels and frames are checked from the header before decoding.
+      field: the request field named in errors, e.g. ``"images[2]"``.
+
+    Returns:
+      A list of RGB uint8 arrays, each (H, W, 3); one element for a still image.
+
+    Raises:
+      InvalidImageError: empty, truncated, not an image, too small, unsupported.
+      ImageTooLargeError: over ``limits.max_bytes``, ``max_pixels``, ``max_frames`` or
+        ``max_total_pixels``.
+    """
+    return list(iter_frames(data, limits=limits, field=field))
+
+
+def resize_frame(frame: np.ndarray, size: int) -> np.ndarray:
+    """Resizes one RGB frame to (size, size, 3): the one resize used everywhere.
+
+    A direct resize to the square (no crop, aspect ratio not kept), like the Keras
+    ``image_dataset_from_directory`` / TFLite reference pipelines the weights were trained and
+    evaluated with, so the whole subject is always seen. Pillow's bilinear filter, which widens
+    its kernel when shrinking (antialiasing), so large photos do not alias. Training data and the
+    Predictor both call this function, so served inputs match trained ones exactly.
+
+    Args:
+      frame: uint8 (H, W, 3).
+      size: output side S.
+
+    Returns:
+      uint8 (S, S, 3).
+    """
+    frame = np.asarray(frame)
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[-1] != 3:
+        raise ValueError(f"expected an RGB uint8 (H, W, 3) frame, got {frame.dtype} {frame.shape}")
+    if frame.shape[:2] == (size, size):
+        return np.ascontiguousarray(frame)
+    im = Image.fromarray(frame).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)

@@ -1,0 +1,441 @@
+"""The Predictor: encoded images in, every class with its probability out, compiled once.
+
+Loads a model directory (a trained CNN-LSTM or a ported ImageNet classifier) or the built-in
+ImageNet default, compiles one XLA executable per batch bucket at start (warm-up) and never
+compiles again: a batch is padded to the smallest bucket that holds it, a larger one is split.
+
+Two model kinds, one scheme:
+
+* ``action`` (CNN-LSTM): a sample is ``(T, S, S, 3)`` with T fixed by the model; a batch row is a
+  sample, so the executables take ``(bucket, T, S, S, 3)``.
+* ``imagenet`` (the per-frame ``FrameClassifier``): a sample may have any number of frames. The
+  frames of all samples are flattened into the batch dimension (executables take
+  ``(bucket, 1, S, S, 3)``), and each sample's per-frame logits are averaged on the host before
+  the softmax, which is exactly ``FrameClassifier``'s mean over T. So a variable T never changes
+  a compiled shape.
+
+Thread safety: after :meth:`Predictor.load` the object holds no mutable state except the
+executable cache, guarded by a lock; :meth:`prepare` (decode + resize, pure NumPy/Pillow) may run
+in many request threads at once while one batcher thread calls :meth:`predict_samples`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from har_flax.checkpoint import LABELS_FILE, CheckpointError
+from har_flax.images import (
+    ImageLimits,
+    ImageTooLargeError,
+    InvalidImageError,
+    iter_frames,
+    resize_frame,
+)
+
+log = logging.getLogger(__name__)
+
+KINDS = ("action", "imagenet")
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+DEFAULT_LIMITS = ImageLimits()
+DEFAULT_MODEL_NAME = "imagenet-mobilenet-v2"
+ACTION_MODEL_NAME = "har-cnn-lstm"
+
+Prediction = list[tuple[str, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What is being served (mirrors ``har.v1.ModelInfo``)."""
+
+    name: str  # e.g. "har-cnn-lstm", "imagenet-mobilenet-v2".
+    version: str  # labels.json "version", else a content hash of the model directory.
+    kind: str  # "action" (human actions) or "imagenet" (the built-in object classifier).
+    num_classes: int  # K.
+    num_frames: int  # T per sample for action models; 1 for the per-frame ImageNet model.
+    image_size: int  # S: frames are resized to S x S.
+
+
+def frame_indices(num_available: int, num_frames: int) -> np.ndarray:
+    """Uniform resampling of a sequence to a fixed length: which source frame fills each slot.
+
+    Each of the ``num_frames`` output slots takes the source frame at the centre of its equal
+    share of the sequence, so a longer sequence is subsampled evenly (8 -> 4 takes 1, 3, 5, 7)
+    and a shorter one repeats frames in order (2 -> 4 takes 0, 0, 1, 1; a still fills all).
+
+    Returns:
+      int64 (num_frames,) indices into the source, non-decreasing.
+    """
+    if num_available < 1 or num_frames < 1:
+        raise ValueError(f"need at least one frame, got {num_available} -> {num_frames}")
+    centres = (np.arange(num_frames) + 0.5) * (num_available / num_frames)
+    return np.minimum(centres.astype(np.int64), num_available - 1)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def content_version(config_json: str, classes: Sequence[str], variables: Any) -> str:
+    """A short hash of what a model computes: its config, class names and every array.
+
+    Hashes the arrays rather than the variables/ files, whose names and metadata orbax makes
+    unique per save: the same weights saved twice get the same version.
+    """
+    h = hashlib.sha256(config_json.encode())
+    h.update("\0".join(classes).encode() + b"\0")
+    for path, leaf in sorted(
+        ((jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_leaves_with_path(variables)),
+        key=lambda item: item[0],
+    ):
+        a = np.ascontiguousarray(leaf)
+        h.update(f"{path}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:12]
+
+
+# The ported default is cached per process: porting the TFLite file takes a second or two, and a
+# test session or a server restarting its Predictor should not pay it twice.
+_DEFAULT_CACHE: dict[str, Any] = {}
+_DEFAULT_LOCK = threading.Lock()
+
+
+def _default_model() -> tuple[Any, dict, tuple[str, ...], ModelInfo]:
+    from har_flax.models import FrameClassifier
+    from har_flax.weights import BUNDLED_TFLITE, imagenet_labels, imagenet_model_config
+    from har_flax.weights.tflite import port_tflite
+
+    with _DEFAULT_LOCK:
+        if "entry" not in _DEFAULT_CACHE:
+            start = time.perf_counter()
+            ported = port_tflite(BUNDLED_TFLITE)  # MobileNetV2(include_top, 1001), flat tree
+            variables = {k: {"backbone": v} for k, v in ported.items()}  # FrameClassifier's
+            classes = tuple(imagenet_labels())
+            version = hashlib.sha256(Path(BUNDLED_TFLITE).read_bytes()).hexdigest()[:12]
+            _DEFAULT_CACHE["entry"] = (variables, classes, version)
+            log.info("ported the bundled ImageNet weights in %.1fs", time.perf_counter() - start)
+        variables, classes, version = _DEFAULT_CACHE["entry"]
+    mc = imagenet_model_config(len(classes)).model
+    model = FrameClassifier(
+        num_classes=len(classes), width=mc.width, depthwise_impl=mc.depthwise_impl
+    )
+    info = ModelInfo(
+        name=DEFAULT_MODEL_NAME,
+        version=version,
+        kind="imagenet",
+        num_classes=len(classes),
+        num_frames=1,
+        image_size=mc.image_size,
+    )
+    return model, variables, classes, info
+
+
+def _directory_model(path: Path) -> tuple[Any, dict, tuple[str, ...], ModelInfo]:
+    from har_flax.checkpoint import load_model
+    from har_flax.models import FrameClassifier, create_model
+
+    config, labels, variables = load_model(path)
+    kind = labels.get("kind", "action")
+    if kind not in KINDS:
+        raise CheckpointError(f"{path / LABELS_FILE}: kind must be one of {KINDS}, got {kind!r}")
+    mc = config.model
+    if kind == "action":
+        model = create_model(mc)
+        num_frames = mc.num_frames
+    else:
+        model = FrameClassifier(
+            num_classes=mc.num_classes,
+            width=mc.width,
+            depthwise_impl=mc.depthwise_impl,
+            dtype=jnp.dtype(mc.dtype),
+            param_dtype=jnp.dtype(mc.param_dtype),
+        )
+        num_frames = 1
+        if "backbone" not in variables.get("params", {}):  # a bare MobileNetV2 tree
+            variables = {k: {"backbone": v} for k, v in variables.items()}
+    version = labels.get("version")
+    if version is None:
+        version = content_version(config.to_json(), labels["classes"], variables)
+    default_name = ACTION_MODEL_NAME if kind == "action" else DEFAULT_MODEL_NAME
+    info = ModelInfo(
+        name=str(labels.get("name") or default_name),
+        version=str(version),
+        kind=kind,
+        num_classes=mc.num_classes,
+        num_frames=num_frames,
+        image_size=mc.image_size,
+    )
+    return model, variables, tuple(labels["classes"]), info
+
+
+def _check_variables(model, variables: dict, example: jax.ShapeDtypeStruct, where: str) -> None:
+    """Raises CheckpointError unless ``variables`` has exactly the tree ``model`` declares."""
+    declared = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros(example.shape, example.dtype))
+    )
+    want = {"/".join(str(getattr(k, "key", k)) for k in p): tuple(v.shape)
+            for p, v in jax.tree_util.tree_leaves_with_path(declared)}  # fmt: skip
+    have = {"/".join(str(getattr(k, "key", k)) for k in p): tuple(np.shape(v))
+            for p, v in jax.tree_util.tree_leaves_with_path(variables)}  # fmt: skip
+    problems = [f"{k}: missing" for k in sorted(set(want) - set(have))]
+    problems += [f"{k}: unexpected" for k in sorted(set(have) - set(want))]
+    problems += [f"{k}: shape {have[k]}, model needs {want[k]}"
+                 for k in sorted(set(want) & set(have)) if have[k] != want[k]]  # fmt: skip
+    if problems:
+        more = f" ... ({len(problems)} in all)" if len(problems) > 8 else ""
+        raise CheckpointError(
+            f"{where}: the variables do not fit the model its config describes: "
+            + "; ".join(problems[:8])
+            + more
+        )
+
+
+class Predictor:
+    """A loaded, compiled model. Build it with :meth:`Predictor.load`.
+
+    Attributes:
+      info: the :class:`ModelInfo`.
+      classes: class names, index i = output i.
+      limits: the :class:`~har_flax.images.ImageLimits` applied by :meth:`prepare`.
+      max_batch_size: the largest bucket; bigger batches are split.
+      batch_sizes: the buckets, ascending.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: Any,
+        variables: dict,
+        classes: Sequence[str],
+        info: ModelInfo,
+        batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+        limits: ImageLimits = DEFAULT_LIMITS,
+    ):
+        sizes = sorted({int(b) for b in batch_sizes})
+        if not sizes or sizes[0] < 1:
+            raise ValueError(f"batch_sizes must be positive integers, got {tuple(batch_sizes)}")
+        if len(classes) != info.num_classes:
+            raise ValueError(f"{len(classes)} class names for {info.num_classes} outputs")
+        self.info = info
+        self.classes = tuple(classes)
+        self.limits = limits
+        self.batch_sizes = tuple(sizes)
+        self.max_batch_size = sizes[-1]
+        self._model = model
+        self._per_frame = info.kind == "imagenet"
+        # Rows of one executable call: (T, S, S, 3) samples, or (1, S, S, 3) single frames.
+        t = 1 if self._per_frame else info.num_frames
+        self._row_shape = (t, info.image_size, info.image_size, 3)
+        # Transferred once; every call reuses these device buffers.
+        self._variables = jax.device_put(
+            {k: variables[k] for k in ("params", "batch_stats") if k in variables}
+        )
+        self._compiled: dict[int, Any] = {}
+        self._compile_lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | os.PathLike | None = None,
+        *,
+        batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+        limits: ImageLimits = DEFAULT_LIMITS,
+        warmup: bool = True,
+    ) -> Predictor:
+        """Loads a model and (with ``warmup``) compiles and runs every batch bucket once.
+
+        Args:
+          model_dir: a model directory (``har_flax.checkpoint``), or None for the built-in
+            ImageNet classifier ported from the bundled TFLite file.
+          batch_sizes: the buckets a batch is padded to.
+          limits: decoding limits for :meth:`prepare`.
+          warmup: compile every bucket now. Without it a bucket compiles on first use (fine for
+            a one-shot CLI; a server wants the cost at start, before it reports SERVING).
+
+        Raises:
+          CheckpointError: the directory is missing, incomplete or does not fit its config.
+        """
+        start = time.perf_counter()
+        if model_dir is None:
+            model, variables, classes, info = _default_model()
+            where = "the built-in ImageNet model"
+        else:
+            model, variables, classes, info = _directory_model(Path(model_dir))
+            where = str(model_dir)
+        t = 1 if info.kind == "imagenet" else info.num_frames
+        example = jax.ShapeDtypeStruct((1, t, info.image_size, info.image_size, 3), jnp.uint8)
+        _check_variables(model, variables, example, where)
+        predictor = cls(
+            model=model,
+            variables=variables,
+            classes=classes,
+            info=info,
+            batch_sizes=batch_sizes,
+            limits=limits,
+        )
+        if warmup:
+            predictor.warmup()
+        log.info(
+            "loaded %s %s (%s, %d classes) in %.1fs",
+            info.name,
+            info.version,
+            info.kind,
+            info.num_classes,
+            time.perf_counter() - start,
+        )
+        return predictor
+
+    # -- compilation ----------------------------------------------------------------------------
+
+    def _executable(self, bucket: int):
+        """The compiled forward pass for ``bucket`` rows, compiled on first request."""
+        compiled = self._compiled.get(bucket)
+        if compiled is not None:
+            return compiled
+        with self._compile_lock:
+            if bucket not in self._compiled:
+                start = time.perf_counter()
+                model = self._model
+
+                def forward(variables, rows):
+                    return model.apply(variables, rows, train=False)  # (B, K) float32 logits
+
+                rows = jax.ShapeDtypeStruct((bucket, *self._row_shape), jnp.uint8)
+                # Ahead-of-time: the executable only accepts this exact shape, so a stray shape
+                # is an error, never a silent recompile.
+                self._compiled[bucket] = jax.jit(forward).lower(self._variables, rows).compile()
+                log.info("compiled bucket %d in %.1fs", bucket, time.perf_counter() - start)
+            return self._compiled[bucket]
+
+    def warmup(self) -> None:
+        """Compiles and runs every bucket once, so no request pays for it."""
+        for bucket in self.batch_sizes:
+            rows = np.zeros((bucket, *self._row_shape), np.uint8)
+            jax.block_until_ready(self._executable(bucket)(self._variables, rows))
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.batch_sizes if b >= n)
+
+    def _logits(self, rows: np.ndarray) -> np.ndarray:
+        """Runs (N, *row_shape) uint8 rows through the buckets; returns (N, K) float32 logits."""
+        outputs = []
+        # Dispatch every chunk before reading any result back, so the device never waits on the
+        # host between chunks.
+        for start in range(0, len(rows), self.max_batch_size):
+            chunk = rows[start : start + self.max_batch_size]
+            n = len(chunk)
+            bucket = self._bucket(n)
+            if bucket > n:  # pad with black rows; eval-mode BatchNorm keeps rows independent
+                chunk = np.concatenate([chunk, np.zeros((bucket - n, *self._row_shape), np.uint8)])
+            outputs.append((self._executable(bucket)(self._variables, chunk), n))
+        return np.concatenate([np.asarray(out)[:n] for out, n in outputs])  # (N, K)
+
+    # -- the public API -------------------------------------------------------------------------
+
+    def prepare(self, images: Sequence[bytes]) -> np.ndarray:
+        """Decodes and resizes one request into the sample the model takes.
+
+        One image is a still, several are the frames of one sequence in order, and an animated
+        image counts as its frames. For an action model the frames are resampled uniformly to
+        ``info.num_frames`` (:func:`frame_indices`); the per-frame ImageNet model keeps them all.
+
+        Args:
+          images: the encoded images of one request (a lone ``bytes`` counts as one image).
+
+        Returns:
+          uint8 (T, S, S, 3): T = ``info.num_frames`` for an action model, the number of frames
+          for the ImageNet model; S = ``info.image_size``.
+
+        Raises:
+          InvalidImageError, ImageTooLargeError: with ``.field`` = ``"images[i]"`` (or
+            ``"images"`` for the request as a whole) and ``.frame``.
+        """
+        if isinstance(images, (bytes, bytearray, memoryview)):
+            images = [images]
+        if len(images) == 0:
+            raise InvalidImageError("no images in the request; send at least one", field="images")
+        if len(images) > self.limits.max_frames:
+            raise ImageTooLargeError(
+                f"{len(images)} images is over the limit of {self.limits.max_frames} frames "
+                "per request",
+                field="images",
+            )
+        size = self.info.image_size
+        budget = [self.limits.max_frames, self.limits.max_total_pixels]
+        frames = []
+        for i, data in enumerate(images):
+            # Resize each frame as soon as it is decoded: only one full-size frame is in memory.
+            for frame in iter_frames(data, limits=self.limits, field=f"images[{i}]", budget=budget):
+                frames.append(resize_frame(frame, size))
+        sample = np.stack(frames)  # (N, S, S, 3)
+        if not self._per_frame and len(sample) != self.info.num_frames:
+            sample = sample[frame_indices(len(sample), self.info.num_frames)]  # (T, S, S, 3)
+        return sample
+
+    def predict_samples(self, samples: Sequence[np.ndarray]) -> list[Prediction]:
+        """Classifies prepared samples in as few compiled calls as the buckets allow.
+
+        Args:
+          samples: outputs of :meth:`prepare`, each uint8 (T, S, S, 3).
+
+        Returns:
+          One list per sample of ``(class, probability)`` for every class, most probable first
+          (ties in class order); probabilities sum to 1.
+        """
+        if not samples:
+            return []
+        t, s = self.info.num_frames, self.info.image_size
+        arrays = [np.asarray(sample) for sample in samples]
+        counts = []
+        for i, sample in enumerate(arrays):
+            ok = (
+                sample.dtype == np.uint8
+                and sample.ndim == 4
+                and sample.shape[1:] == (s, s, 3)
+                and len(sample) >= 1
+                and (self._per_frame or len(sample) == t)
+            )
+            if not ok:
+                want = f"(T, {s}, {s}, 3)" if self._per_frame else f"({t}, {s}, {s}, 3)"
+                raise ValueError(
+                    f"sample {i} is {sample.dtype} {sample.shape}; expected uint8 {want} as "
+                    "prepare() returns"
+                )
+            counts.append(len(sample))
+        if self._per_frame:
+            rows = np.concatenate(arrays)[:, None]  # (sum T_i, 1, S, S, 3)
+            logits = self._logits(rows)  # (sum T_i, K)
+            starts = np.cumsum([0, *counts[:-1]])
+            logits = np.stack(  # FrameClassifier's mean over frames, per sample: (B, K)
+                [logits[a : a + c].mean(axis=0, dtype=np.float64)
+                 for a, c in zip(starts, counts, strict=True)]
+            )  # fmt: skip
+        else:
+            logits = self._logits(np.stack(arrays))  # (B, K)
+        probs = _softmax(logits)
+        results = []
+        for p in probs:
+            order = np.argsort(-p, kind="stable")
+            results.append([(self.classes[j], float(p[j])) for j in order])
+        return results
+
+    def predict(self, images: Sequence[bytes]) -> Prediction:
+        """Classifies one request: :meth:`prepare` then :meth:`predict_samples`.
+
+        Returns:
+          ``(class, probability)`` for every class, most probable first.
+        """
+        return self.predict_samples([self.prepare(images)])[0]
