@@ -1,0 +1,100 @@
+"""Server settings: one frozen dataclass, the single place where serving defaults live."""
+
+from __future__ import annotations
+
+import dataclasses
+
+MiB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """Everything `har-serve` can be told; every field is a flag and a HAR_SERVE_* variable."""
+
+    model: str | None = None  # Model directory; None = the built-in ImageNet MobileNetV2.
+    host: str = "[::]"  # Address to bind ("[::]" = every interface, IPv4 and IPv6).
+    port: int = 50051  # 0 = any free port (the bound one is logged: "listening on HOST:PORT").
+    workers: int = 16  # gRPC handler threads (decode runs in them, in parallel).
+    max_message_bytes: int = 16 * MiB  # Per message; the gRPC default 4 MiB rejects phone photos.
+    # Image limits handed to the Predictor (None = the Predictor's own default).
+    max_image_bytes: int | None = None  # Encoded bytes of one image.
+    max_pixels: int | None = None  # Decoded pixels of one frame (stops decompression bombs).
+    max_frames: int | None = None  # Frames of one request (images or animation frames).
+    # Dynamic batching.
+    # None = auto: on with a GPU or TPU, off on a CPU, where a batched forward costs more per
+    # image than single ones (docs/BENCHMARKS_serve.md). False = each request runs alone.
+    batching: bool | None = None
+    max_batch_size: int = 32  # Largest batch one jitted call sees (buckets: 1, 2, 4, ...).
+    max_wait_us: int = 2000  # How long the first queued request waits for company.
+    max_queue: int = 256  # Requests waiting for the model; one more = RESOURCE_EXHAUSTED.
+    model_threads: int = 1  # Batches run concurrently (>1 helps small batches on a CPU).
+    warmup: bool = True  # Compile every batch bucket before reporting SERVING.
+    # Security.
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key, serves TLS.
+    tls_key: str | None = None  # PEM private key.
+    tls_client_ca: str | None = None  # PEM CA bundle; when set, clients must present a cert.
+    # Bearer token required on har.v1 calls (health stays open); kept out of repr and logs.
+    auth_token: str | None = dataclasses.field(default=None, repr=False)
+    rate_limit: float = 0.0  # Requests per second per client address; 0 = unlimited.
+    rate_burst: int = 0  # Bucket size for rate_limit; 0 = max(1, 2 * rate_limit).
+    # Operations.
+    metrics_port: int | None = None  # Prometheus /metrics port; None = off, 0 = any free port.
+    metrics_host: str = "0.0.0.0"  # Address for the metrics endpoint.
+    grace_s: float = 10.0  # Shutdown: how long in-flight calls may take to finish.
+    drain_s: float = 0.5  # Shutdown: NOT_SERVING is visible this long before the port closes.
+    log_level: str = "INFO"
+    log_format: str = "text"  # "text" (key=value) or "json" (one object per line).
+
+    def __post_init__(self):
+        checks = [
+            (0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}"),
+            (self.workers >= 1, f"workers must be at least 1, got {self.workers}"),
+            (
+                self.max_message_bytes >= 1024,
+                f"max_message_bytes must be at least 1024, got {self.max_message_bytes}",
+            ),
+            (self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}"),
+            (self.max_wait_us >= 0, f"max_wait_us must be >= 0, got {self.max_wait_us}"),
+            (self.max_queue >= 1, f"max_queue must be at least 1, got {self.max_queue}"),
+            (self.model_threads >= 1, f"model_threads must be >= 1, got {self.model_threads}"),
+            (
+                (self.tls_cert is None) == (self.tls_key is None),
+                "tls_cert and tls_key must be given together",
+            ),
+            (
+                self.tls_client_ca is None or self.tls_cert is not None,
+                "tls_client_ca (mutual TLS) needs tls_cert and tls_key",
+            ),
+            (self.auth_token != "", "auth_token must not be empty (leave it unset to disable)"),
+            (self.rate_limit >= 0, f"rate_limit must be >= 0, got {self.rate_limit}"),
+            (self.rate_burst >= 0, f"rate_burst must be >= 0, got {self.rate_burst}"),
+            (self.grace_s >= 0, f"grace_s must be >= 0, got {self.grace_s}"),
+            (self.drain_s >= 0, f"drain_s must be >= 0, got {self.drain_s}"),
+            (self.log_format in ("text", "json"), "log_format must be text or json"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        for name in ("max_image_bytes", "max_pixels", "max_frames"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+
+    def use_batching(self, backend: str) -> bool:
+        """Whether to batch on `backend` ("cpu", "gpu", "tpu"): the setting, or auto."""
+        return self.batching if self.batching is not None else backend != "cpu"
+
+    def batch_sizes(self, batching: bool) -> tuple[int, ...]:
+        """The compiled buckets: powers of two below max_batch_size, then max_batch_size."""
+        if not batching:
+            return (1,)  # Every call is a single sample: one bucket, one compile.
+        sizes = [1]
+        while sizes[-1] * 2 < self.max_batch_size:
+            sizes.append(sizes[-1] * 2)
+        if sizes[-1] != self.max_batch_size:
+            sizes.append(self.max_batch_size)
+        return tuple(sizes)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None

@@ -1,0 +1,235 @@
+"""Server assembly: the servicer, standard health, reflection, interceptors, TLS, metrics.
+
+server = HarServer(ServerConfig(port=0))
+server.start()          # listening, health NOT_SERVING
+server.load()           # Predictor loaded and warmed up, health SERVING
+...
+server.stop()           # NOT_SERVING, drain, in-flight calls finish within the grace period
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from grpc_server.config import ServerConfig
+from grpc_server.interceptors import AccessLogInterceptor, AuthInterceptor, RateLimitInterceptor
+from grpc_server.metrics import Metrics
+from grpc_server.servicer import ActionRecognitionServicer
+from har_flax.proto.har.v1 import har_pb2, har_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = har_pb2.DESCRIPTOR.services_by_name["ActionRecognition"].full_name
+
+
+class ServerError(RuntimeError):
+    """The server cannot start as configured (port in use, unreadable certificate, ...)."""
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ServerError(f"cannot read the {what} {path}: {e.strerror or e}") from None
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    """TLS (and, with tls_client_ca, mutual TLS) credentials from the configured PEM files."""
+    key = _read(config.tls_key, "TLS private key (--tls-key)")
+    cert = _read(config.tls_cert, "TLS certificate (--tls-cert)")
+    client_ca = None
+    if config.tls_client_ca:
+        client_ca = _read(config.tls_client_ca, "client CA bundle (--tls-client-ca)")
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def default_backend() -> str:
+    """JAX's platform ("cpu", "gpu", "tpu"); imports JAX, so only called when loading a model."""
+    import jax
+
+    return jax.default_backend()
+
+
+def load_predictor(config: ServerConfig, batching: bool):
+    """Loads and warms up the Predictor the config names (the built-in default without --model).
+
+    Imported lazily: JAX starts here, after the port is open and health says NOT_SERVING.
+    Without batching only the single-sample bucket is compiled.
+    """
+    from har_flax.images import ImageLimits
+    from har_flax.predictor import Predictor
+
+    overrides = {
+        name: value
+        for name, value in (
+            ("max_bytes", config.max_image_bytes),
+            ("max_pixels", config.max_pixels),
+            ("max_frames", config.max_frames),
+        )
+        if value is not None
+    }
+    return Predictor.load(
+        config.model,
+        batch_sizes=config.batch_sizes(batching),
+        limits=ImageLimits(**overrides),
+        warmup=config.warmup,
+    )
+
+
+class HarServer:
+    """One har.v1 server process's gRPC server and everything around it.
+
+    Args:
+      config: the settings.
+      metrics: the Metrics to record into (a fresh registry by default).
+    """
+
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None):
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.servicer = ActionRecognitionServicer(
+            max_batch_size=config.max_batch_size,
+            max_wait_us=config.max_wait_us,
+            max_queue=config.max_queue,
+            model_threads=config.model_threads,
+            metrics=self.metrics,
+        )
+        self.health = health.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._metrics_httpd = None
+        self._server: grpc.Server | None = None
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+
+    def _interceptors(self) -> list[grpc.ServerInterceptor]:
+        # Order matters: the first is outermost, so refused calls are still logged and counted.
+        chain: list[grpc.ServerInterceptor] = [AccessLogInterceptor(self.metrics)]
+        if self.config.auth_token:
+            chain.append(AuthInterceptor(self.config.auth_token))
+        if self.config.rate_limit > 0:
+            chain.append(RateLimitInterceptor(self.config.rate_limit, self.config.rate_burst))
+        return chain
+
+    def start(self) -> int:
+        """Binds the port and starts answering (health NOT_SERVING until `load`).
+
+        Returns:
+          The bound port (useful with port 0).
+
+        Raises:
+          ServerError: the address cannot be bound or a TLS file cannot be read.
+        """
+        c = self.config
+        options = [
+            ("grpc.max_receive_message_length", c.max_message_bytes),
+            ("grpc.max_send_message_length", c.max_message_bytes),
+            # Fail loudly if another server holds the port instead of silently sharing it.
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=c.workers, thread_name_prefix="grpc"),
+            interceptors=self._interceptors(),
+            options=options,
+            # Calls beyond the handler threads wait inside gRPC; bound that wait too, so an
+            # overloaded server answers RESOURCE_EXHAUSTED instead of queueing without limit.
+            maximum_concurrent_rpcs=c.workers + c.max_queue,
+        )
+        har_pb2_grpc.add_ActionRecognitionServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        address = f"{c.host}:{c.port}"
+        try:
+            if c.tls:
+                port = server.add_secure_port(address, server_credentials(c))
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise ServerError(f"cannot listen on {address}: {e} (is the port in use?)") from None
+        if port == 0:  # Older grpcio reports a failed bind this way instead of raising.
+            raise ServerError(f"cannot listen on {address} (is the port in use?)")
+        server.start()
+        self._server, self.port = server, port
+        scheme = "tls" if c.tls else "plaintext"
+        log.info("listening on %s:%d (%s)", c.host, port, scheme)
+        if c.metrics_port is not None:
+            self._metrics_httpd = self.metrics.serve(c.metrics_port, c.metrics_host)
+            self.metrics_port = self._metrics_httpd.server_address[1]
+            log.info("metrics on http://%s:%d/metrics", c.metrics_host, self.metrics_port)
+        return port
+
+    def load(self, predictor: Any = None) -> None:
+        """Attaches a warmed-up Predictor (loading the configured one if None); health SERVING."""
+        backend = default_backend()
+        batching = self.config.use_batching(backend)
+        if predictor is None:
+            t0 = time.perf_counter()
+            predictor = load_predictor(self.config, batching)
+            log.info("model loaded and warmed up in %.1f s", time.perf_counter() - t0)
+        if self._stopped.is_set():
+            return  # Shut down while loading: stay NOT_SERVING.
+        self.servicer.attach(predictor, batching=batching)
+        info = predictor.info
+        self.metrics.model.info(
+            {k: str(getattr(info, k)) for k in ("name", "version", "kind", "num_classes")}
+        )
+        self.metrics.ready.set(1)
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "SERVING model=%s version=%s kind=%s classes=%d backend=%s batching=%s",
+            info.name,
+            info.version,
+            info.kind,
+            info.num_classes,
+            backend,
+            f"max {self.config.max_batch_size} x {self.config.model_threads} threads"
+            if batching
+            else "off",
+        )
+
+    def stop(self, grace_s: float | None = None, drain_s: float | None = None) -> None:
+        """Graceful shutdown; safe to call twice.
+
+        Health goes NOT_SERVING first and new Predict/Classes calls get UNAVAILABLE; after
+        `drain_s` (so load balancers notice) the port closes; calls already running get `grace_s`
+        to finish, then are cancelled.
+        """
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
+        grace_s = self.config.grace_s if grace_s is None else grace_s
+        drain_s = self.config.drain_s if drain_s is None else drain_s
+        log.info("shutting down: NOT_SERVING, draining %.1f s, grace %.1f s", drain_s, grace_s)
+        self.health.enter_graceful_shutdown()
+        self.servicer.drain()
+        self.metrics.ready.set(0)
+        if drain_s > 0:
+            time.sleep(drain_s)
+        if self._server is not None:
+            self._server.stop(grace_s).wait()
+        self.servicer.close(timeout=grace_s + 1)
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
+        log.info("stopped")
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()

@@ -1,0 +1,1 @@
+"""Generated package (see har_flax/proto/__init__.py)."""

@@ -1,0 +1,211 @@
+"""Helpers shared by the tests/test_grpc_*.py modules (not a test module itself).
+
+Everything is real: `python -m grpc_server.main` subprocesses on port 0, a tiny random action
+model written with har_flax.checkpoint.save_model, real grpcio clients, and the google.rpc
+details as a client in any language would read them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from har_flax.proto.har.v1 import har_pb2, har_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CLASSES = ("clapping", "dancing", "running")
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+METRICS = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
+
+
+def tiny_model_dir(base: Path) -> Path:
+    """A tiny random action model (32x32, 3 classes) under `base`, created once per `base`.
+
+    The logits layer is scaled up so that different photos get visibly different probabilities
+    (a freshly initialised head gives nearly the same near-uniform answer for everything).
+    """
+    path = base / "tiny-action-model-v2"
+    if (path / "labels.json").exists():
+        return path
+    import jax
+
+    from har_flax.checkpoint import save_model
+    from har_flax.config import tiny
+    from har_flax.models import init_variables
+
+    config = tiny()
+    variables = jax.tree.map(np.asarray, init_variables(config.model, jax.random.key(7)))
+    logits = variables["params"]["logits"]
+    # Random features reach the logits layer at ~1e-5; this brings the logits to order 1.
+    logits["kernel"] = logits["kernel"] * 1e5
+    save_model(path, config=config, classes=TINY_CLASSES, variables=variables)
+    return path
+
+
+def shared_tmp(tmp_path_factory) -> Path:
+    """The session's base temp dir, shared by every module (so the tiny model is made once)."""
+    return tmp_path_factory.getbasetemp()
+
+
+def jpeg(array: np.ndarray, size: int | None = None, quality: int = 90, **save_kw) -> bytes:
+    """Encodes an RGB uint8 array as JPEG, optionally resized to size x size first."""
+    from PIL import Image
+
+    im = Image.fromarray(array)
+    if size:
+        im = im.resize((size, size), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality, **save_kw)
+    return buf.getvalue()
+
+
+def stub(target: str, credentials=None, **options) -> har_pb2_grpc.ActionRecognitionStub:
+    opts = [("grpc.max_send_message_length", 64 << 20), *options.items()]
+    if credentials is None:
+        channel = grpc.insecure_channel(target, options=opts)
+    else:
+        channel = grpc.secure_channel(target, credentials, options=opts)
+    return har_pb2_grpc.ActionRecognitionStub(channel)
+
+
+def rich_details(err: grpc.RpcError) -> dict:
+    """The google.rpc.Status details of a failed call: reason, violations, retry delay."""
+    out = {"reason": None, "violations": [], "retry_s": None}
+    status = rpc_status.from_call(err)
+    if status is None:
+        return out
+    for detail in status.details:
+        for cls, key in (
+            (error_details_pb2.ErrorInfo, "reason"),
+            (error_details_pb2.BadRequest, "violations"),
+            (error_details_pb2.RetryInfo, "retry_s"),
+        ):
+            if detail.Is(cls.DESCRIPTOR):
+                msg = cls()
+                detail.Unpack(msg)
+                if key == "reason":
+                    out[key] = msg.reason
+                elif key == "violations":
+                    out[key] = [(v.field, v.description) for v in msg.field_violations]
+                else:
+                    out[key] = msg.retry_delay.ToNanoseconds() / 1e9
+    return out
+
+
+def probabilities(reply: har_pb2.PredictResponse) -> dict[str, float]:
+    return {p.action: p.confidence for p in reply.all_predictions}
+
+
+class ServerProcess:
+    """`python -m grpc_server.main ARGS` on port 0, its stderr collected line by line.
+
+    Args:
+      args: har-serve flags (port, metrics and host flags are added here).
+      env: extra environment variables.
+    """
+
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None):
+        cmd = [sys.executable, "-m", "grpc_server.main", "--host", "127.0.0.1", "--port", "0"]
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        # stderr goes to a file as well, so a failing test can show the whole log.
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="har-serve-", suffix=".log")
+        self.proc = subprocess.Popen(
+            [*cmd, *args],
+            cwd=REPO,
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.log.write(line)
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def text(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for_line(self, pattern: str | re.Pattern, timeout: float = 120) -> re.Match:
+        """Waits for a stderr line matching `pattern`; fails with the log if the server exits."""
+        regex = re.compile(pattern)
+        end = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    if m := regex.search(line):
+                        return m
+                seen = len(self.lines)
+                if self.proc.poll() is not None and not self._reader.is_alive():
+                    raise AssertionError(
+                        f"server exited ({self.proc.returncode}) before {regex.pattern!r}:\n"
+                        + "\n".join(self.lines[-40:])
+                    )
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(
+                        f"no {regex.pattern!r} after {timeout} s:\n" + "\n".join(self.lines[-40:])
+                    )
+                self._changed.wait(min(remaining, 0.5))
+
+    def wait_listening(self, timeout: float = 120) -> int:
+        self.port = int(self.wait_for_line(LISTENING, timeout).group(2))
+        if "--metrics-port" in self.proc.args:
+            self.metrics_port = int(self.wait_for_line(METRICS, timeout).group(2))
+        return self.port
+
+    def wait_serving(self, timeout: float = 300) -> None:
+        if self.port is None:
+            self.wait_listening(timeout)
+        self.wait_for_line(r"SERVING model=", timeout)
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM, then the exit code (killing it if it does not exit in time)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"server ignored SIGTERM for {timeout} s:\n{self.text}") from None
+        finally:
+            self._reader.join(5)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)
+        self.log.close()

@@ -1,0 +1,245 @@
+"""In-process servers under load: dynamic batching, its equality with unbatched answers, the
+bounded queue, deadlines and cancellation before compute, and readiness before the model loads.
+
+Uses a tiny random action model (32x32, 3 classes, buckets 1-8): these tests are about the
+server's concurrency, not the model, and the tiny model keeps 3200 requests to seconds. Several
+servers with different settings share one loaded Predictor.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_support import jpeg, probabilities, rich_details, shared_tmp, stub, tiny_model_dir
+
+from grpc_server.config import ServerConfig
+from grpc_server.server import HarServer
+from har_flax.proto.har.v1 import har_pb2
+
+CLIENTS, REQUESTS_PER_CLIENT = 64, 50
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    from har_flax.predictor import Predictor
+
+    return Predictor.load(tiny_model_dir(shared_tmp(tmp_path_factory)), batch_sizes=(1, 2, 4, 8))
+
+
+def _server(predictor, load=True, **overrides) -> HarServer:
+    config = ServerConfig(host="127.0.0.1", port=0, grace_s=2, drain_s=0, **overrides)
+    server = HarServer(config)
+    server.start()
+    if load:
+        server.load(predictor)
+    return server
+
+
+@pytest.fixture(scope="module")
+def batched(predictor):
+    server = _server(predictor, batching=True, max_batch_size=8, max_wait_us=2000)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def unbatched(predictor):
+    server = _server(predictor, batching=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def inputs(photo_arrays) -> list[bytes]:
+    """16 distinct small JPEGs: crops of the four photographs."""
+    out = []
+    for array in photo_arrays.values():
+        h, w = array.shape[:2]
+        for top, left in ((0, 0), (h // 3, w // 3), (0, w // 2), (h // 2, 0)):
+            out.append(jpeg(array[top : top + h // 2, left : left + w // 2], size=64))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sequential(unbatched, inputs) -> list[dict[str, float]]:
+    """Each input's answer, one request at a time, from the server without batching."""
+    client = stub(f"127.0.0.1:{unbatched.port}")
+    return [probabilities(client.Predict(har_pb2.PredictRequest(images=[b]), timeout=30))
+            for b in inputs]  # fmt: skip
+
+
+# XLA may round a sample's float32 logits differently in a batch of 8 than alone (another
+# vectorisation of the same sums), so "identical" means: same ranking, probabilities within a few
+# float32 ulps. Anything a bug would cause (answers swapped between requests, padding rows leaking
+# into real ones) is orders of magnitude larger: the inputs' answers differ by > 1e-3.
+TOLERANCE = 1e-6
+
+
+def _same_answer(got: dict[str, float], want: dict[str, float]) -> bool:
+    return list(got) == list(want) and all(abs(got[k] - want[k]) <= TOLERANCE for k in want)
+
+
+def _sample(server, name, **labels) -> float:
+    return server.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+def test_inputs_are_told_apart(sequential):
+    """Otherwise the equality tests below could pass with answers mixed up between requests."""
+    for i, a in enumerate(sequential):
+        for b in sequential[i + 1 :]:
+            assert max(abs(a[k] - b[k]) for k in a) > 1000 * TOLERANCE
+
+
+def test_batching_on_and_off_answer_identically(batched, inputs, sequential):
+    client = stub(f"127.0.0.1:{batched.port}")
+    for data, expected in zip(inputs, sequential, strict=True):
+        reply = client.Predict(har_pb2.PredictRequest(images=[data]), timeout=30)
+        assert _same_answer(probabilities(reply), expected)
+
+
+def test_64_clients_x_50_requests_no_errors_answers_equal_sequential(batched, inputs, sequential):
+    target = f"127.0.0.1:{batched.port}"
+    batches_before = _sample(batched, "har_batch_size_count")
+    samples_before = _sample(batched, "har_batch_size_sum")
+    start = threading.Barrier(CLIENTS)
+
+    def client_run(k: int) -> list[tuple[int, object]]:
+        client = stub(target)  # one channel (connection) per client
+        start.wait()
+        out = []
+        for i in range(REQUESTS_PER_CLIENT):
+            index = (k * 7 + i) % len(inputs)
+            try:
+                reply = client.Predict(har_pb2.PredictRequest(images=[inputs[index]]), timeout=120)
+                out.append((index, probabilities(reply)))
+            except grpc.RpcError as e:
+                out.append((index, e.code()))
+        return out
+
+    t0 = time.perf_counter()
+    with futures.ThreadPoolExecutor(CLIENTS) as pool:
+        results = [r for rs in pool.map(client_run, range(CLIENTS)) for r in rs]
+    elapsed = time.perf_counter() - t0
+    assert len(results) == CLIENTS * REQUESTS_PER_CLIENT
+    errors = [r for _, r in results if not isinstance(r, dict)]
+    assert not errors, f"{len(errors)} errors, e.g. {errors[:5]}"
+    wrong = [(i, r) for i, r in results if not _same_answer(r, sequential[i])]
+    assert not wrong, (
+        f"{len(wrong)} answers differ from the sequential ones, e.g. input {wrong[0][0]}: "
+        f"{wrong[0][1]} != {sequential[wrong[0][0]]}"
+    )
+    # Batching really happened (otherwise this test would not test it).
+    batches = _sample(batched, "har_batch_size_count") - batches_before
+    samples = _sample(batched, "har_batch_size_sum") - samples_before
+    assert samples == CLIENTS * REQUESTS_PER_CLIENT
+    assert samples / batches > 1.5, f"mean batch {samples / batches:.2f}"
+    print(f"{len(results)} requests in {elapsed:.1f} s, mean batch {samples / batches:.2f}")
+
+
+def test_full_queue_is_resource_exhausted_with_retry_info(predictor, inputs):
+    server = _server(
+        predictor, batching=True, max_batch_size=1, max_wait_us=0, max_queue=1, workers=48
+    )
+    client = stub(f"127.0.0.1:{server.port}")
+    try:
+        codes, details = [], []
+        for _ in range(5):  # bursts until the single queue slot overflows
+            barrier = threading.Barrier(48)
+
+            def call(i, barrier=barrier):
+                barrier.wait()
+                try:
+                    client.Predict(har_pb2.PredictRequest(images=[inputs[i % 16]]), timeout=60)
+                    return grpc.StatusCode.OK
+                except grpc.RpcError as e:
+                    details.append(rich_details(e))
+                    return e.code()
+
+            with futures.ThreadPoolExecutor(48) as pool:
+                codes += list(pool.map(call, range(48)))
+            if grpc.StatusCode.RESOURCE_EXHAUSTED in codes:
+                break
+        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert all(d["reason"] == "OVERLOADED" and d["retry_s"] > 0 for d in details)
+        # Still serving.
+        assert client.Predict(har_pb2.PredictRequest(images=[inputs[0]]), timeout=30).action
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_batcher(predictor):
+    """The first request of a batch waits 1.5 s for company: time to give up in the queue."""
+    server = _server(predictor, batching=True, max_batch_size=8, max_wait_us=1_500_000)
+    yield server
+    server.stop()
+
+
+def test_expired_deadline_leaves_the_queue_without_compute(slow_batcher, inputs):
+    client = stub(f"127.0.0.1:{slow_batcher.port}")
+    before = _sample(slow_batcher, "har_model_samples_total")
+    with pytest.raises(grpc.RpcError) as e:
+        client.Predict(har_pb2.PredictRequest(images=[inputs[0]]), timeout=0.3)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(2.0)  # past the batch window: the worker would have run it by now
+    assert _sample(slow_batcher, "har_model_samples_total") == before
+    assert _sample(slow_batcher, "har_batch_dropped_total", reason="deadline") >= 1
+    assert _sample(slow_batcher, "har_batch_queue_depth") == 0
+
+
+def test_cancelled_call_leaves_the_queue_without_compute(slow_batcher, inputs):
+    client = stub(f"127.0.0.1:{slow_batcher.port}")
+    before = _sample(slow_batcher, "har_model_samples_total")
+    call = client.Predict.future(har_pb2.PredictRequest(images=[inputs[1]]), timeout=30)
+    time.sleep(0.3)
+    assert call.cancel()
+    time.sleep(2.0)
+    assert _sample(slow_batcher, "har_model_samples_total") == before
+    assert _sample(slow_batcher, "har_batch_dropped_total", reason="cancelled") >= 1
+    # A patient request on the same server is still answered (after its 1.5 s window).
+    reply = client.Predict(har_pb2.PredictRequest(images=[inputs[1]]), timeout=30)
+    assert reply.all_predictions and _sample(slow_batcher, "har_model_samples_total") == before + 1
+
+
+def test_not_serving_and_unavailable_until_the_model_is_attached(predictor, inputs):
+    server = _server(predictor, load=False)
+    target = f"127.0.0.1:{server.port}"
+    client = stub(target)
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+    try:
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert client.Health(har_pb2.HealthRequest(), timeout=5).status == (
+            har_pb2.HealthResponse.NOT_SERVING
+        )
+        for call, request in (
+            (client.Predict, har_pb2.PredictRequest(images=[inputs[0]])),
+            (client.Classes, har_pb2.ClassesRequest()),
+        ):
+            with pytest.raises(grpc.RpcError) as e:
+                call(request, timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "loading" in e.value.details()
+            assert rich_details(e.value)["reason"] == "MODEL_LOADING"
+        server.load(predictor)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        assert client.Predict(har_pb2.PredictRequest(images=[inputs[0]]), timeout=30).action
+    finally:
+        server.stop()
+
+
+def test_tiny_model_classes_reach_the_client(batched):
+    reply = stub(f"127.0.0.1:{batched.port}").Classes(har_pb2.ClassesRequest(), timeout=5)
+    assert list(reply.classes) == ["clapping", "dancing", "running"]
+    assert reply.model.kind == "action" and reply.model.image_size == 32
+    assert np.isclose(sum(probabilities(
+        stub(f"127.0.0.1:{batched.port}").Predict(
+            har_pb2.PredictRequest(images=[jpeg(np.zeros((40, 40, 3), np.uint8))]), timeout=30)
+    ).values()), 1.0, atol=1e-5)  # fmt: skip
