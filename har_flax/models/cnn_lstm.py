@@ -60,6 +60,8 @@ class CNNLSTM(nn.Module):
             name="backbone",
         )
         feats = backbone(x, train)  # (B, T, D)
+        # Kept only when "intermediates" is mutable: lets tests and analyses see the features.
+        self.sow("intermediates", "features", feats)
 
         cell = nn.OptimizedLSTMCell(
             self.lstm_units, dtype=self.dtype, param_dtype=self.param_dtype, name="cell"

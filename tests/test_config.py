@@ -1,0 +1,166 @@
+"""The typed configuration: presets, the JSON saved beside checkpoints, overrides, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from har_flax.config import (
+    HAR_ACTIONS,
+    PRESETS,
+    Config,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    default,
+    get_config,
+    override,
+    tiny,
+)
+
+
+def test_presets():
+    assert sorted(PRESETS) == ["default", "tiny"]
+    d, t = get_config("default"), get_config("tiny")
+    assert d == default() and t == tiny()
+    # The DESIGN.md model: MobileNetV2 1.0 at 224 from the bundled weights, LSTM 128, 15 actions.
+    assert (d.name, d.model.width, d.model.image_size, d.model.pretrained) == (
+        "default", 1.0, 224, "tflite"
+    )  # fmt: skip
+    assert (d.model.lstm_units, d.model.head_units, d.model.num_classes) == (128, (256, 128), 15)
+    assert (d.model.lstm_dropout, d.model.head_dropout) == (0.3, 0.3)
+    assert len(HAR_ACTIONS) == 15 and list(HAR_ACTIONS) == sorted(HAR_ACTIONS)
+    # tiny is small enough for tests: 3 classes, 32x32, width 0.35, no weights to load.
+    assert (t.name, t.model.num_classes, t.model.image_size, t.model.width) == ("tiny", 3, 32, 0.35)
+    assert t.model.pretrained == "none"
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown config 'huge'; known: \['default', 'tiny'\]"):
+        get_config("huge")
+
+
+def test_configs_are_frozen():
+    c = tiny()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.name = "x"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.model.width = 2.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("preset", ["default", "tiny"])
+def test_json_round_trip(preset):
+    c = get_config(preset)
+    text = c.to_json()
+    # Plain JSON (what sits beside a checkpoint), grouped like the dataclasses.
+    assert set(json.loads(text)) == {"name", "model", "data", "train"}
+    back = Config.from_json(text)
+    assert back == c
+    # Tuples survive the trip (JSON has only lists), so equality is not an accident of lists.
+    assert isinstance(back.model.head_units, tuple)
+    assert back.to_json() == text
+
+
+def test_json_round_trip_of_an_overridden_config():
+    c = override(tiny(), {"model.head_units": "64,32,8", "train.seed": "7", "name": "exp1"})
+    assert Config.from_json(c.to_json()) == c
+
+
+def test_from_json_fills_missing_fields_with_defaults():
+    c = Config.from_json('{"name": "partial", "train": {"epochs": 2}}')
+    assert c.name == "partial" and c.train.epochs == 2
+    assert c.model == ModelConfig() and c.data == DataConfig()
+    assert dataclasses.replace(c.train, epochs=TrainConfig().epochs) == TrainConfig()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"modle": {}}', r"unknown config keys: \['modle'\]"),
+        ('{"model": {"widht": 1.0}}', r"unknown ModelConfig keys: \['widht'\]"),
+        ('{"train": {"batch": 3}}', r"unknown TrainConfig keys: \['batch'\]"),
+        ('{"model": {"num_classes": 1}}', "num_classes must be at least 2, got 1"),
+    ],
+)
+def test_from_json_rejects_unknown_keys_and_invalid_values(text, message):
+    with pytest.raises(ValueError, match=message):
+        Config.from_json(text)
+
+
+def test_override_converts_strings_to_the_field_type():
+    c = override(
+        default(),
+        {
+            "train.batch_size": "64",
+            "train.learning_rate": "3e-4",
+            "train.augment": "off",
+            "model.dtype": "bfloat16",
+            "model.head_units": "512,256",
+            "model.width": "0.5",
+            "data.skip_bad_images": "yes",
+            "name": "run-2",
+        },
+    )
+    assert c.train.batch_size == 64 and isinstance(c.train.batch_size, int)
+    assert c.train.learning_rate == 3e-4
+    assert c.train.augment is False and c.data.skip_bad_images is True
+    assert c.model.dtype == "bfloat16" and c.model.head_units == (512, 256)
+    assert c.model.width == 0.5 and c.name == "run-2"
+    # Everything else keeps its default, and the input config is unchanged.
+    assert c.train.epochs == default().train.epochs
+    assert default().train.batch_size == 32
+
+
+def test_override_accepts_typed_values_and_an_empty_dict():
+    c = override(tiny(), {"train.epochs": 9, "model.head_units": (8,)})
+    assert c.train.epochs == 9 and c.model.head_units == (8,)
+    assert override(tiny(), {}) == tiny()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"modle.width": "1"}, "unknown config group 'modle' in override; use model/data/train"),
+        ({"model.widht": "1"}, r"unknown field model.widht; known: \[.*'width'"),
+        ({"epochs": "3"}, r"unknown config fields \['epochs'\]"),
+        ({"train.batch_size": "lots"}, r"cannot use 'lots' for train.batch_size \(a int\)"),
+        ({"model.width": "wide"}, r"cannot use 'wide' for model.width \(a float\)"),
+        ({"train.augment": "maybe"}, r"cannot use 'maybe' for train.augment \(a bool\)"),
+        ({"model.head_units": "64,x"}, r"cannot use '64,x' for model.head_units \(a tuple\)"),
+        # Converted fine, then refused by the dataclass's own validation.
+        ({"model.num_classes": "1"}, "num_classes must be at least 2, got 1"),
+        ({"model.depthwise_impl": "fast"}, "depthwise_impl must be one of"),
+        ({"data.val_fraction": "1.5"}, r"val_fraction must be in \(0, 1\), got 1.5"),
+    ],
+)
+def test_override_errors_name_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        override(tiny(), overrides)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "message"),
+    [
+        (ModelConfig, {"num_classes": 1}, "num_classes must be at least 2"),
+        (ModelConfig, {"width": 0.0}, "width must be positive"),
+        (ModelConfig, {"image_size": 16}, "image_size must be at least 32"),
+        (ModelConfig, {"num_frames": 0}, "num_frames must be at least 1"),
+        (ModelConfig, {"dtype": "float64"}, r"dtype must be one of \('float32'"),
+        (ModelConfig, {"param_dtype": "int8"}, "param_dtype must be one of"),
+        (ModelConfig, {"depthwise_impl": "fast"}, "depthwise_impl must be one of"),
+        (ModelConfig, {"lstm_dropout": 1.0}, r"lstm_dropout must be in \[0, 1\)"),
+        (ModelConfig, {"head_dropout": -0.1}, r"head_dropout must be in \[0, 1\)"),
+        (DataConfig, {"val_fraction": 0.0}, r"val_fraction must be in \(0, 1\)"),
+    ],
+)
+def test_validation_errors(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**kwargs)
+    cls()  # The defaults themselves are valid.
+
+
+def test_configs_require_keywords():
+    with pytest.raises(TypeError):
+        ModelConfig(3)  # type: ignore[misc]
