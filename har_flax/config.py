@@ -49,9 +49,14 @@ class ModelConfig:
             raise ValueError(f"image_size must be at least 32, got {self.image_size}")
         if self.num_frames < 1:
             raise ValueError(f"num_frames must be at least 1, got {self.num_frames}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.param_dtype != "float32":
+            # DESIGN.md: float32 parameters, reduced-precision compute only (dtype="bfloat16").
+            raise ValueError(
+                f"param_dtype must be 'float32', got {self.param_dtype!r}; "
+                "for mixed precision set dtype='bfloat16' instead"
+            )
         if self.depthwise_impl not in DEPTHWISE_IMPLS:
             raise ValueError(
                 f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {self.depthwise_impl!r}"
@@ -194,13 +199,32 @@ def override(config: Config, overrides: dict[str, Any]) -> Config:
         bad = set(top) - {"name"}
         if bad:
             raise ValueError(f"unknown config fields {sorted(bad)}")
+        if not isinstance(top.get("name", ""), str):
+            raise ValueError(f"cannot use {top['name']!r} for name (a str)")
         config = dataclasses.replace(config, **top)
     return config
 
 
 def _convert(value: Any, current: Any, key: str) -> Any:
+    """Converts a CLI string to the type of ``current``; checks the type of non-strings."""
+    kind = type(current).__name__
     if not isinstance(value, str):
-        return value
+        ok = (
+            isinstance(value, bool)
+            if isinstance(current, bool)
+            else isinstance(value, int) and not isinstance(value, bool)
+            if isinstance(current, int)
+            else isinstance(value, (int, float)) and not isinstance(value, bool)
+            if isinstance(current, float)
+            else isinstance(value, (tuple, list))
+            if isinstance(current, tuple)
+            else isinstance(value, type(current))
+        )
+        if not ok:
+            raise ValueError(f"cannot use {value!r} for {key} (a {kind})")
+        if isinstance(current, tuple):
+            return tuple(value)
+        return float(value) if isinstance(current, float) else value
     try:
         if isinstance(current, bool):
             if value.lower() in ("1", "true", "yes", "on"):
@@ -215,5 +239,5 @@ def _convert(value: Any, current: Any, key: str) -> Any:
         if isinstance(current, tuple):
             return tuple(int(x) for x in value.split(",") if x)
     except ValueError:
-        raise ValueError(f"cannot use {value!r} for {key} (a {type(current).__name__})") from None
+        raise ValueError(f"cannot use {value!r} for {key} (a {kind})") from None
     return value

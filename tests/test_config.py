@@ -129,6 +129,11 @@ def test_override_accepts_typed_values_and_an_empty_dict():
         ({"model.width": "wide"}, r"cannot use 'wide' for model.width \(a float\)"),
         ({"train.augment": "maybe"}, r"cannot use 'maybe' for train.augment \(a bool\)"),
         ({"model.head_units": "64,x"}, r"cannot use '64,x' for model.head_units \(a tuple\)"),
+        # Typed (non-string) values are checked too, not passed through.
+        ({"train.epochs": 2.5}, r"cannot use 2.5 for train.epochs \(a int\)"),
+        ({"train.augment": 1}, r"cannot use 1 for train.augment \(a bool\)"),
+        ({"model.width": True}, r"cannot use True for model.width \(a float\)"),
+        ({"name": 5}, r"cannot use 5 for name \(a str\)"),
         # Converted fine, then refused by the dataclass's own validation.
         ({"model.num_classes": "1"}, "num_classes must be at least 2, got 1"),
         ({"model.depthwise_impl": "fast"}, "depthwise_impl must be one of"),
@@ -148,7 +153,8 @@ def test_override_errors_name_the_key(overrides, message):
         (ModelConfig, {"image_size": 16}, "image_size must be at least 32"),
         (ModelConfig, {"num_frames": 0}, "num_frames must be at least 1"),
         (ModelConfig, {"dtype": "float64"}, r"dtype must be one of \('float32'"),
-        (ModelConfig, {"param_dtype": "int8"}, "param_dtype must be one of"),
+        (ModelConfig, {"param_dtype": "int8"}, "param_dtype must be .float32."),
+        (ModelConfig, {"param_dtype": "bfloat16"}, "set dtype=.bfloat16. instead"),
         (ModelConfig, {"depthwise_impl": "fast"}, "depthwise_impl must be one of"),
         (ModelConfig, {"lstm_dropout": 1.0}, r"lstm_dropout must be in \[0, 1\)"),
         (ModelConfig, {"head_dropout": -0.1}, r"head_dropout must be in \[0, 1\)"),
