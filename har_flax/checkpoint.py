@@ -157,3 +157,107 @@ def load_model(path: str | os.PathLike) -> tuple[Config, dict[str, Any], dict]:
         )
     variables = load_variables(path / VARIABLES_DIR)
     return config, labels, variables
+
+
+# --- Training checkpoints ------------------------------------------------------------------------
+#
+# A training work directory keeps two orbax CheckpointManagers, one step each:
+#
+#     W/checkpoints/latest/<step>/{state,progress}   resumed from when training restarts
+#     W/checkpoints/best/<step>/{state,progress}     the best validation accuracy so far
+#
+# ``state`` is the whole train state (params, batch_stats, optimiser state, step); ``progress`` is
+# JSON: the data-iterator position (epoch, step in epoch), early-stopping counters, running
+# metric sums, the resolved config and the class names.
+
+TRAIN_CHECKPOINTS_DIR = "checkpoints"
+_STATE_ITEM = "state"
+_PROGRESS_ITEM = "progress"
+
+
+class TrainCheckpoints:
+    """The latest and the best training checkpoint of a work directory.
+
+    Saves are synchronous: the next train step donates the state's buffers, so the arrays must be
+    on disk (or at least on the host) before it runs, and the per-epoch cost is small.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory).absolute()
+        self._managers = {
+            name: ocp.CheckpointManager(
+                self.directory / name,
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=1, create=True, enable_async_checkpointing=False
+                ),
+                item_names=(_STATE_ITEM, _PROGRESS_ITEM),
+            )
+            for name in ("latest", "best")
+        }
+
+    def latest_step(self, which: str = "latest") -> int | None:
+        """The step of the kept checkpoint, or None when there is none yet."""
+        return self._managers[which].latest_step()
+
+    def save(self, which: str, step: int, state: Any, progress: dict[str, Any]) -> None:
+        """Saves ``state`` (a pytree of arrays) and ``progress`` (JSON) as ``which`` at ``step``.
+
+        Args:
+          which: "latest" or "best".
+          step: the global optimiser step; a second save at the same step replaces the first.
+          state: the train state pytree.
+          progress: JSON-able facts needed to resume.
+        """
+        manager = self._managers[which]
+        if manager.latest_step() == step:
+            manager.delete(step)
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    _STATE_ITEM: ocp.args.StandardSave(state),
+                    _PROGRESS_ITEM: ocp.args.JsonSave(progress),
+                }
+            ),
+        )
+        manager.wait_until_finished()
+
+    def restore(self, which: str, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
+        """Restores the kept checkpoint into the structure (and shardings) of ``abstract_state``.
+
+        Args:
+          which: "latest" or "best".
+          abstract_state: a pytree like the saved state, of arrays or ``jax.ShapeDtypeStruct``s
+            whose shardings say where the restored arrays go.
+
+        Returns:
+          (state, progress), or None when no checkpoint exists.
+
+        Raises:
+          CheckpointError: the checkpoint does not fit ``abstract_state`` (another model config).
+        """
+        manager = self._managers[which]
+        step = manager.latest_step()
+        if step is None:
+            return None
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        _STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+                        _PROGRESS_ITEM: ocp.args.JsonRestore(),
+                    }
+                ),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"checkpoint {self.directory / which} (step {step}) does not match this model: "
+                f"{e}. Train in a fresh work directory or restore the config it was made with."
+            ) from e
+        return restored[_STATE_ITEM], dict(restored[_PROGRESS_ITEM])
+
+    def close(self) -> None:
+        for manager in self._managers.values():
+            manager.wait_until_finished()
+            manager.close()

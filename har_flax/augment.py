@@ -1,0 +1,104 @@
+"""Mild, jittable augmentation: random resized crop, horizontal flip, small colour jitter.
+
+It runs on the accelerator inside the jitted train step. "Mild" on purpose: actions such as
+texting or drinking hinge on small objects that an aggressive crop would cut away. Every frame of
+a sequence gets the same crop, flip and jitter, so motion between frames is left intact.
+Shape legend: B batch, T frames, H W C image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AugmentConfig:
+    """Ranges of the random transformations (the defaults are the training defaults)."""
+
+    min_area: float = 0.7  # Smallest crop, as a fraction of the image area.
+    max_aspect: float = 4 / 3  # Crop aspect ratio in [1/max_aspect, max_aspect] (log-uniform).
+    flip: bool = True  # Horizontal flip with probability 1/2.
+    brightness: float = 0.1  # Additive, as a fraction of 255: delta in [-b, b].
+    contrast: float = 0.1  # Multiplicative around the image mean: factor in [1-c, 1+c].
+    saturation: float = 0.1  # Blend with the greyscale image: factor in [1-s, 1+s].
+
+    def __post_init__(self):
+        if not 0.0 < self.min_area <= 1.0:
+            raise ValueError(f"min_area must be in (0, 1], got {self.min_area}")
+        if self.max_aspect < 1.0:
+            raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
+        for name in ("brightness", "contrast", "saturation"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+# ITU-R 601 luma weights, as in tf.image.rgb_to_grayscale.
+_LUMA = (0.2989, 0.587, 0.114)
+
+
+def augment(
+    frames: jax.Array, rng: jax.Array, config: AugmentConfig = AugmentConfig()
+) -> jax.Array:
+    """Augments a batch of frame sequences.
+
+    Args:
+      frames: uint8 or float (B, T, H, W, C) with values in [0, 255].
+      rng: a PRNG key; the same key gives the same result.
+      config: the ranges.
+
+    Returns:
+      float32 (B, T, H, W, C) in [0, 255]; kept as float so the crop's interpolation is not
+      rounded away (the model's input normalisation accepts either dtype).
+    """
+    if frames.ndim != 5:
+        raise ValueError(f"expected frames of shape (B, T, H, W, C), got {frames.shape}")
+    keys = jax.random.split(rng, frames.shape[0])
+    return jax.vmap(lambda x, k: _augment_one(x, k, config))(frames.astype(jnp.float32), keys)
+
+
+def _augment_one(x: jax.Array, rng: jax.Array, config: AugmentConfig) -> jax.Array:
+    """One sequence (T, H, W, C) float32 -> (T, H, W, C)."""
+    k_area, k_aspect, k_y, k_x, k_flip, k_b, k_c, k_s = jax.random.split(rng, 8)
+    _, h, w, _ = x.shape
+
+    # Random resized crop: a crop of area fraction `area` and aspect `aspect` (w/h), scaled back
+    # to (H, W). Clipping keeps the crop inside the image when a ratio asks for more than fits.
+    area = jax.random.uniform(k_area, (), minval=config.min_area, maxval=1.0)
+    log_r = jnp.log(config.max_aspect)
+    aspect = jnp.exp(jax.random.uniform(k_aspect, (), minval=-log_r, maxval=log_r))
+    crop_h = jnp.clip(jnp.sqrt(area / aspect), 0.0, 1.0) * h
+    crop_w = jnp.clip(jnp.sqrt(area * aspect), 0.0, 1.0) * w
+    top = jax.random.uniform(k_y, ()) * (h - crop_h)
+    left = jax.random.uniform(k_x, ()) * (w - crop_w)
+    scale = jnp.stack([h / crop_h, w / crop_w])
+    x = jax.image.scale_and_translate(
+        x,
+        x.shape,
+        spatial_dims=(1, 2),
+        scale=scale,
+        translation=-jnp.stack([top, left]) * scale,
+        method="linear",
+        antialias=True,
+    )  # (T, H, W, C)
+
+    if config.flip:
+        x = jnp.where(jax.random.bernoulli(k_flip), x[:, :, ::-1, :], x)
+
+    if config.brightness:
+        x = x + 255.0 * jax.random.uniform(
+            k_b, (), minval=-config.brightness, maxval=config.brightness
+        )
+    if config.contrast:
+        factor = jax.random.uniform(k_c, (), minval=1 - config.contrast, maxval=1 + config.contrast)
+        mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)  # (T, 1, 1, 1)
+        x = mean + factor * (x - mean)
+    if config.saturation and x.shape[-1] == 3:
+        factor = jax.random.uniform(
+            k_s, (), minval=1 - config.saturation, maxval=1 + config.saturation
+        )
+        grey = jnp.tensordot(x, jnp.asarray(_LUMA), axes=([-1], [0]))[..., None]  # (T, H, W, 1)
+        x = grey + factor * (x - grey)
+    return jnp.clip(x, 0.0, 255.0)

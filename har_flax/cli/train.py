@@ -1,0 +1,124 @@
+"""``har-train``: trains the CNN-LSTM on a Kaggle-layout data set; resumes when run again.
+
+Everything lands in the work directory W: ``config.json``, ``split.json``, ``checkpoints/``
+(latest and best), ``model/`` (the best model, for ``har-serve --model W/model``),
+``metrics.jsonl`` and ``curves.png``; see :mod:`har_flax.train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="har-train",
+        description="Train the action recognizer. Run the same command again to resume.",
+        epilog=(
+            "Examples: har-train --data-dir data/har --workdir runs/har\n"
+            "          har-train --data-dir data/har --workdir runs/gpu "
+            "--set model.dtype=bfloat16 --set train.batch_size=256"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--data-dir",
+        required=True,
+        type=Path,
+        help="directory with Training_set.csv, Testing_set.csv, train/ and test/",
+    )
+    parser.add_argument("--workdir", required=True, type=Path, help="run directory W")
+    parser.add_argument(
+        "--config", default="default", help="preset: default (224px, ImageNet weights) or tiny"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. train.epochs=10 (repeatable)",
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop (with a checkpoint) at this global step; run again to continue",
+    )
+    parser.add_argument(
+        "--download-dir",
+        type=Path,
+        default=None,
+        help="where prepared arrays are cached (default W/tfds); share it between runs",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["a.b=1", ...]`` -> ``{"a.b": "1"}``; ValueError naming a malformed item."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Trains; returns 0 (finished or stopped to resume later), 1 (bad data/config), 2 (usage)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.data_dir.is_dir():
+        parser.error(f"--data-dir {args.data_dir} is not a directory")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from har_flax import sharding  # noqa: PLC0415 (--help answers without importing JAX)
+    from har_flax.config import get_config, override
+
+    try:
+        config = override(get_config(args.config), parse_overrides(args.overrides))
+    except ValueError as e:
+        parser.error(str(e))
+    sharding.maybe_initialize_distributed()
+
+    from har_flax import train  # noqa: PLC0415
+    from har_flax.data import DataError, load_splits
+
+    try:
+        splits = load_splits(
+            args.data_dir,
+            args.workdir,
+            image_size=config.model.image_size,
+            data_config=config.data,
+            download_dir=args.download_dir,
+        )
+        result = train.fit(
+            config,
+            args.workdir,
+            splits=splits,
+            max_steps=args.max_steps,
+            progress_bar=not args.no_progress,
+        )
+    except (DataError, ValueError, OSError) as e:
+        print(f"har-train: error: {e}", file=sys.stderr)
+        return 1
+    if result.interrupted:
+        print(f"stopped at step {int(result.state.step)}; run the same command to resume")
+    else:
+        print(
+            f"best validation accuracy {result.best_val_accuracy:.4f}"
+            + (" (stopped early)" if result.stopped_early else "")
+            + f"; model: {args.workdir / train.MODEL_DIR}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

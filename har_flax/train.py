@@ -1,0 +1,758 @@
+"""Training: optax AdamW with warm-up + cosine, two optional stages, jitted data-parallel steps.
+
+:func:`fit` is the whole loop (resumable, early stopping, checkpoints, metrics, curves);
+:func:`make_train_step` and :func:`predict_logits` are the pure, jitted pieces it is built from.
+Shape legend: B batch, T frames, H W C image, K classes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import io
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from har_flax import sharding
+from har_flax.augment import AugmentConfig, augment
+from har_flax.checkpoint import (
+    TRAIN_CHECKPOINTS_DIR,
+    TrainCheckpoints,
+    atomic_write_bytes,
+    atomic_write_text,
+    save_model,
+)
+from har_flax.config import Config, TrainConfig, override
+from har_flax.models import create_model, init_variables
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"  # W/model: the best model, a plain model directory the server loads.
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+CONFIG_FILE = "config.json"
+CACHE_DIR = "jax_cache"
+DEFAULT_AUGMENT = AugmentConfig()
+
+
+class Source(Protocol):
+    """What training reads: a split of pre-resized images with random access (har_flax.data)."""
+
+    labels: np.ndarray  # int32 (N,), -1 where unknown
+
+    def __len__(self) -> int: ...
+
+    def get_batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (n, H, W, 3) images and int32 (n,) labels."""
+        ...
+
+
+class TrainState(train_state.TrainState):
+    """Params, optimiser state and step, plus the BatchNorm running statistics."""
+
+    batch_stats: Any = None
+
+
+# --- Optimiser ------------------------------------------------------------------------------------
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full batches per epoch (the remainder is dropped; every epoch reshuffles)."""
+    steps = num_examples // batch_size
+    if steps == 0:
+        raise ValueError(
+            f"the training split has {num_examples} images, fewer than one batch of "
+            f"{batch_size}; lower train.batch_size"
+        )
+    return steps
+
+
+def _warmup_cosine(peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=peak * 0.01,
+    )
+
+
+def learning_rate_schedules(
+    config: TrainConfig, steps_per_epoch: int
+) -> tuple[optax.Schedule, optax.Schedule]:
+    """(head schedule, backbone schedule) over the global step.
+
+    One stage: both warm up to ``learning_rate`` and decay with a cosine. Two stages
+    (``head_only_epochs > 0``): stage 1 trains the head at ``learning_rate`` while the backbone's
+    rate is 0; stage 2 warms everything up again to ``finetune_learning_rate`` and decays.
+    """
+    total = config.epochs * steps_per_epoch
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    stage1 = min(config.head_only_epochs, config.epochs) * steps_per_epoch
+    if stage1 == 0:
+        single = _warmup_cosine(config.learning_rate, warmup, total)
+        return single, single
+    stage2 = _warmup_cosine(config.finetune_learning_rate, warmup, max(total - stage1, 1))
+    head = optax.join_schedules(
+        [_warmup_cosine(config.learning_rate, warmup, stage1), stage2], [stage1]
+    )
+    backbone = optax.join_schedules([optax.constant_schedule(0.0), stage2], [stage1])
+    return head, backbone
+
+
+def _param_groups(params: Any) -> Any:
+    """'backbone' for the MobileNetV2 subtree, 'head' for the LSTM and the dense head."""
+    return {
+        k: jax.tree.map(lambda _, k=k: "backbone" if k == "backbone" else "head", v)
+        for k, v in params.items()
+    }
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """AdamW per parameter group; weight decay only on kernels (not biases or BatchNorm)."""
+    head, backbone = learning_rate_schedules(config, steps_per_epoch)
+
+    def decay_mask(params):
+        return jax.tree.map(lambda p: p.ndim > 1, params)
+
+    def adamw(schedule):
+        return optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask)
+
+    return optax.multi_transform({"head": adamw(head), "backbone": adamw(backbone)}, _param_groups)
+
+
+def create_train_state(
+    config: Config, steps_per_epoch: int, variables: dict | None = None
+) -> TrainState:
+    """A fresh train state: the variables (default: initialised, plus the pretrained backbone)."""
+    model = create_model(config.model)
+    if variables is None:
+        variables = init_variables(config.model, jax.random.key(config.train.seed))
+        if config.model.pretrained != "none":
+            from har_flax.weights import load_pretrained_backbone
+
+            variables = load_pretrained_backbone(variables, config.model.pretrained)
+    state = TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=make_optimizer(config.train, steps_per_epoch),
+    )
+    # An array step (not a Python int) so the state checkpoints and shards like every leaf.
+    return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+# --- Steps ---------------------------------------------------------------------------------------
+
+
+def _train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    config: Config,
+    head_schedule: optax.Schedule,
+    freeze_backbone: bool,
+    augment_config: AugmentConfig,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    rng = jax.random.fold_in(rng, state.step)
+    aug_key, dropout_key = jax.random.split(rng)
+    images = batch["image"]  # (B, T, H, W, 3) uint8
+    if config.train.augment:
+        images = augment(images, aug_key, augment_config)  # (B, T, H, W, 3) float32
+    targets = optax.smooth_labels(
+        jax.nn.one_hot(batch["label"], config.model.num_classes), config.train.label_smoothing
+    )  # (B, K)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            rngs={"dropout": dropout_key},
+            mutable=["batch_stats"],
+        )  # (B, K)
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        return loss, (logits, updates["batch_stats"])
+
+    if freeze_backbone:
+        # Differentiate with respect to the head only: XLA then skips the backbone's backward
+        # pass entirely. Its zero gradient keeps the optimiser state's structure unchanged.
+        head = {k: v for k, v in state.params.items() if k != "backbone"}
+        frozen = jax.lax.stop_gradient(state.params["backbone"])
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+            lambda h: loss_fn({**h, "backbone": frozen}), has_aux=True
+        )(head)
+        grads = {**grads, "backbone": jax.tree.map(jnp.zeros_like, state.params["backbone"])}
+    else:
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "learning_rate": head_schedule(state.step),
+    }
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    if freeze_backbone:
+        # Frozen means unchanged, whatever the schedule says (weight decay included).
+        updates = {**updates, "backbone": jax.tree.map(jnp.zeros_like, updates["backbone"])}
+    state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        batch_stats=batch_stats,
+    )
+    return state, metrics
+
+
+@functools.lru_cache(maxsize=16)
+def make_train_step(
+    config: Config,
+    steps_per_epoch: int,
+    *,
+    freeze_backbone: bool = False,
+    augment_config: AugmentConfig = DEFAULT_AUGMENT,
+) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+    """The jitted, donated ``train_step(state, batch, rng) -> (state, metrics)``.
+
+    ``batch`` is ``{"image": uint8 (B, T, H, W, 3), "label": int32 (B,)}``; ``rng`` is the run's
+    root key, folded with ``state.step`` inside, so a step's randomness depends only on the seed
+    and the step. Metrics are scalars: loss (with label smoothing), accuracy, learning_rate.
+    Cached on its (hashable) arguments, so a second run in one process does not recompile.
+    """
+    head, _ = learning_rate_schedules(config.train, steps_per_epoch)
+    step = functools.partial(
+        _train_step,
+        config=config,
+        head_schedule=head,
+        freeze_backbone=freeze_backbone,
+        augment_config=augment_config,
+    )
+    return jax.jit(step, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=8)
+def _logits_fn(model: nn.Module, mesh: jax.sharding.Mesh) -> Callable:
+    # Replicated output: every process can read all logits, also across hosts.
+    return jax.jit(
+        lambda variables, images: model.apply(variables, images, train=False),
+        out_shardings=sharding.replicated(mesh),
+    )
+
+
+def eval_batches(
+    source: Source, batch_size: int, num_frames: int = 1
+) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Every example of ``source`` once, in order, in batches padded to ``batch_size``.
+
+    Yields:
+      ({"image": uint8 (B, T, H, W, 3), "label": int32 (B,)}, n_valid): rows past ``n_valid``
+      repeat the last example and must be ignored.
+    """
+    n = len(source)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        valid = len(idx)
+        idx = np.concatenate([idx, np.full(batch_size - valid, idx[-1])])
+        images, labels = source.get_batch(idx)
+        yield {"image": _add_time_axis(images, num_frames), "label": labels}, valid
+
+
+def predict_logits(
+    model: nn.Module,
+    variables: Any,
+    source: Source,
+    batch_size: int,
+    mesh: jax.sharding.Mesh | None = None,
+    num_frames: int = 1,
+) -> np.ndarray:
+    """float32 (N, K) logits for every example of ``source``, in order (inference mode)."""
+    mesh = mesh or sharding.make_mesh()
+    batch_size = _round_up(batch_size, mesh.devices.size)
+    fn = _logits_fn(model, mesh)
+    out = []
+    for batch, valid in _prefetch(eval_batches(source, batch_size, num_frames)):
+        images = sharding.shard_batch(
+            batch["image"][sharding.process_slice(batch_size)], mesh, batch_size
+        )
+        out.append(np.asarray(jax.device_get(fn(variables, images)))[:valid])
+    k = out[0].shape[-1] if out else 0
+    return np.concatenate(out) if out else np.zeros((0, k), np.float32)
+
+
+def loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Mean cross-entropy (no label smoothing) and accuracy of (N, K) logits."""
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = -log_probs[np.arange(len(labels)), labels].mean()
+    return float(loss), float(np.mean(logits.argmax(axis=1) == labels))
+
+
+# --- The loop ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`fit` did."""
+
+    state: TrainState
+    config: Config  # the resolved config (num_classes from the data)
+    classes: tuple[str, ...]
+    history: list[dict[str, Any]]  # every line of metrics.jsonl
+    best_val_accuracy: float
+    stopped_early: bool
+    interrupted: bool  # stopped by max_steps or a signal; run again to resume
+    finished: bool  # all epochs done or early-stopped
+
+
+def enable_compilation_cache(workdir: Path) -> None:
+    """Persists compiled programs in ``W/jax_cache`` so a restart does not recompile."""
+    jax.config.update("jax_compilation_cache_dir", str(Path(workdir).absolute() / CACHE_DIR))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def fit(
+    config: Config,
+    workdir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    splits: Any = None,
+    max_steps: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    progress_bar: bool = True,
+) -> FitResult:
+    """Trains ``config`` on the Kaggle-layout data in ``data_dir``; resumes from ``workdir``.
+
+    Writes ``W/config.json``, ``W/checkpoints/{latest,best}``, ``W/model`` (the best model, a
+    plain model directory for ``har-serve``), ``W/metrics.jsonl`` (one line per epoch) and
+    ``W/curves.png``. Running it again with the same arguments continues from the latest
+    checkpoint and ends where an uninterrupted run would.
+
+    Args:
+      config: the run; ``model.num_classes`` is set from the data.
+      workdir: W.
+      data_dir: the Kaggle layout (``Training_set.csv``, ``train/``, ...); read with
+        ``har_flax.data.load_splits``. Not needed when ``splits`` is given.
+      splits: already loaded splits (``.classes``, ``.train``, ``.val``, ``.test``).
+      max_steps: stop (and checkpoint) once the global step reaches this; resume later.
+      mesh: the device mesh (default: every device).
+      progress_bar: show a tqdm bar on process 0.
+
+    Returns:
+      A :class:`FitResult`.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    enable_compilation_cache(workdir)
+    if splits is None:
+        if data_dir is None:
+            raise ValueError("fit needs data_dir or splits")
+        from har_flax.data import load_splits
+
+        splits = load_splits(
+            data_dir, workdir, image_size=config.model.image_size, data_config=config.data
+        )
+    classes = tuple(splits.classes)
+    if config.model.num_classes != len(classes):
+        log.info("model.num_classes = %d (from the data)", len(classes))
+        config = override(config, {"model.num_classes": len(classes)})
+    _check_resumable_config(workdir, config)
+    atomic_write_text(workdir / CONFIG_FILE, config.to_json())
+
+    tc = config.train
+    mesh = mesh or sharding.make_mesh()
+    sharding.check_batch_size(tc.batch_size, mesh)
+    spe = steps_per_epoch(len(splits.train), tc.batch_size)
+    total_steps = tc.epochs * spe
+
+    state = create_train_state(config, spe)
+    ckpts = TrainCheckpoints(workdir / TRAIN_CHECKPOINTS_DIR)
+    progress = {
+        "epoch": 0,  # epochs completed
+        "step_in_epoch": 0,  # batches of the current epoch done
+        "best_val_accuracy": -1.0,
+        "best_epoch": 0,
+        "epochs_without_improvement": 0,
+        "sums": {"loss": 0.0, "accuracy": 0.0, "steps": 0, "seconds": 0.0},
+        "finished": False,
+        "stopped_early": False,
+    }
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
+        state,
+    )
+    restored = ckpts.restore("latest", abstract)
+    if restored is not None:
+        state, saved = restored
+        progress.update(saved["progress"])
+        log.info(
+            "resuming from step %d (epoch %d, batch %d)",
+            int(state.step),
+            progress["epoch"],
+            progress["step_in_epoch"],
+        )
+    else:
+        state = sharding.replicate(state, mesh)
+    history = _read_history(workdir, keep_epochs=progress["epoch"])
+
+    def result(interrupted: bool) -> FitResult:
+        return FitResult(
+            state=state,
+            config=config,
+            classes=classes,
+            history=history,
+            best_val_accuracy=progress["best_val_accuracy"],
+            stopped_early=progress["stopped_early"],
+            interrupted=interrupted,
+            finished=progress["finished"],
+        )
+
+    def save(which: str) -> None:
+        ckpts.save(
+            which,
+            int(jax.device_get(state.step)),
+            state,
+            {"progress": progress, "config": config.to_dict(), "classes": list(classes)},
+        )
+
+    if progress["finished"]:
+        log.info("%s already finished; nothing to do", workdir)
+        ckpts.close()
+        return result(False)
+
+    steps = {
+        frozen: make_train_step(config, spe, freeze_backbone=frozen) for frozen in (False, True)
+    }
+    root_key = jax.random.key(tc.seed)
+    model = create_model(config.model)
+    global_step = progress["epoch"] * spe + progress["step_in_epoch"]
+    bar = _progress_bar(total_steps, global_step, progress_bar and jax.process_index() == 0)
+    local = sharding.process_slice(tc.batch_size)
+
+    with _stop_on_signal() as stop_requested, bar:
+        for epoch in range(progress["epoch"], tc.epochs):
+            frozen = epoch < tc.head_only_epochs
+            order = epoch_permutation(len(splits.train), tc.seed, epoch)
+            first = progress["step_in_epoch"]
+            batches = _prefetch(
+                _train_batches(splits.train, order, tc.batch_size, first, spe, local, config)
+            )
+            meter = _Meter(progress["sums"], bar, tc.batch_size)
+
+            for i in range(first, spe):
+                if (max_steps is not None and global_step >= max_steps) or stop_requested():
+                    meter.flush()
+                    batches.close()
+                    progress["step_in_epoch"] = i
+                    save("latest")
+                    ckpts.close()
+                    log.info("stopped at step %d; run again to resume", global_step)
+                    return result(True)
+                batch = sharding.shard_batch(next(batches), mesh, tc.batch_size)
+                state, metrics = steps[frozen](state, batch, root_key)
+                meter.add(metrics)
+                global_step += 1
+                if meter.pending >= tc.log_every_steps:
+                    meter.flush()
+            meter.flush()
+            batches.close()
+
+            val_logits = predict_logits(
+                model,
+                {"params": state.params, "batch_stats": state.batch_stats},
+                splits.val,
+                tc.batch_size,
+                mesh,
+                config.model.num_frames,
+            )
+            val_loss, val_acc = loss_and_accuracy(val_logits, np.asarray(splits.val.labels))
+            sums = progress["sums"]
+            n = max(sums["steps"], 1)
+            record = {
+                "epoch": epoch + 1,
+                "step": global_step,
+                "stage": "head" if frozen else "all",
+                "train_loss": sums["loss"] / n,
+                "train_accuracy": sums["accuracy"] / n,
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+                "learning_rate": float(jax.device_get(metrics["learning_rate"])),
+                "images_per_sec": sums["steps"] * tc.batch_size / max(sums["seconds"], 1e-9),
+                "epoch_seconds": sums["seconds"],
+            }
+            progress["epoch"] = epoch + 1
+            progress["step_in_epoch"] = 0
+            progress["sums"] = {"loss": 0.0, "accuracy": 0.0, "steps": 0, "seconds": 0.0}
+            improved = val_acc > progress["best_val_accuracy"]
+            if improved:
+                progress["best_val_accuracy"] = val_acc
+                progress["best_epoch"] = epoch + 1
+                progress["epochs_without_improvement"] = 0
+            else:
+                progress["epochs_without_improvement"] += 1
+            record["best_val_accuracy"] = progress["best_val_accuracy"]
+            if progress["epochs_without_improvement"] >= tc.early_stopping_patience:
+                progress["stopped_early"] = True
+            progress["finished"] = progress["stopped_early"] or epoch + 1 == tc.epochs
+
+            if jax.process_index() == 0:
+                if improved:
+                    _export_best(workdir, config, classes, state, record)
+                with open(workdir / METRICS_FILE, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            history.append(record)
+            if improved:
+                save("best")
+            save("latest")
+            bar.write(
+                f"epoch {epoch + 1}/{tc.epochs}: loss {record['train_loss']:.4f} "
+                f"acc {record['train_accuracy']:.3f} val_loss {val_loss:.4f} "
+                f"val_acc {val_acc:.3f}" + (" (best)" if improved else "")
+            )
+            if progress["stopped_early"]:
+                log.info(
+                    "early stopping: no val-accuracy gain for %d epochs",
+                    tc.early_stopping_patience,
+                )
+                break
+
+    ckpts.close()
+    if jax.process_index() == 0 and history:
+        plot_curves(history, workdir / CURVES_FILE)
+    return result(False)
+
+
+class _Meter:
+    """Running sums of the step metrics, read from the device only at log intervals."""
+
+    def __init__(self, sums: dict[str, float], bar, batch_size: int):
+        self.sums, self.bar, self.batch_size = sums, bar, batch_size
+        self._pending: list[dict] = []
+        self._tick = time.perf_counter()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(self, metrics: dict) -> None:
+        self._pending.append(metrics)
+
+    def flush(self) -> None:
+        """One host sync: adds every pending step (in order, so sums resume exactly)."""
+        s = self.sums
+        for m in jax.device_get(self._pending):
+            s["loss"] += float(m["loss"])
+            s["accuracy"] += float(m["accuracy"])
+            s["steps"] += 1
+        now = time.perf_counter()
+        s["seconds"] += now - self._tick
+        self._tick = now
+        if self._pending and s["steps"]:
+            n = s["steps"]
+            self.bar.set_postfix(
+                loss=f"{s['loss'] / n:.4f}",
+                acc=f"{s['accuracy'] / n:.3f}",
+                img_s=f"{n * self.batch_size / max(s['seconds'], 1e-9):.0f}",
+                refresh=False,
+            )
+            self.bar.update(len(self._pending))
+        self._pending.clear()
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The training order of epoch ``epoch``: a function of (seed, epoch) only, so resumable."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _train_batches(
+    source: Source,
+    order: np.ndarray,
+    batch_size: int,
+    first: int,
+    steps: int,
+    local: slice,
+    config: Config,
+) -> Iterator[dict[str, np.ndarray]]:
+    for i in range(first, steps):
+        idx = order[i * batch_size : (i + 1) * batch_size][local]
+        images, labels = source.get_batch(np.sort(idx))
+        # Sorted reads are kinder to the record file; restore the shuffled order after.
+        inverse = np.argsort(np.argsort(idx))
+        yield {
+            "image": _add_time_axis(images[inverse], config.model.num_frames),
+            "label": np.asarray(labels, np.int32)[inverse],
+        }
+
+
+def _add_time_axis(images: np.ndarray, num_frames: int) -> np.ndarray:
+    """(B, H, W, 3) still images -> (B, T, H, W, 3), repeating the still when T > 1."""
+    images = np.asarray(images)
+    if images.ndim == 5:
+        return images
+    return np.repeat(images[:, None], num_frames, axis=1)
+
+
+class _Prefetch:
+    """Loads the next batches on a thread while the device computes (order kept)."""
+
+    def __init__(self, iterator: Iterator, depth: int = 2):
+        self._it = iterator
+        self._pool = concurrent.futures.ThreadPoolExecutor(1)
+        self._queue: list[concurrent.futures.Future] = []
+        self._lock = threading.Lock()
+        for _ in range(depth):
+            self._queue.append(self._pool.submit(self._next))
+
+    def _next(self):
+        with self._lock:
+            return next(self._it, _DONE)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.pop(0).result()
+        if item is _DONE:
+            raise StopIteration
+        self._queue.append(self._pool.submit(self._next))
+        return item
+
+    def close(self):
+        for f in self._queue:
+            f.cancel()
+        self._pool.shutdown(wait=True)
+
+
+_DONE = object()
+
+
+def _prefetch(iterator: Iterator, depth: int = 2) -> _Prefetch:
+    return _Prefetch(iterator, depth)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return math.ceil(n / multiple) * multiple
+
+
+def _check_resumable_config(workdir: Path, config: Config) -> None:
+    """Refuses to resume a checkpoint of a different model (training settings may change)."""
+    path = workdir / CONFIG_FILE
+    if not path.exists() or not (workdir / TRAIN_CHECKPOINTS_DIR).exists():
+        return
+    old = Config.from_json(path.read_text(encoding="utf-8"))
+    if old.model != config.model:
+        diff = {
+            k: (v, getattr(config.model, k))
+            for k, v in dataclasses.asdict(old.model).items()
+            if getattr(config.model, k) != (tuple(v) if isinstance(v, list) else v)
+        }
+        raise ValueError(
+            f"{workdir} holds a run of another model ({diff} as (saved, requested)); "
+            "use a new --workdir or the saved config"
+        )
+
+
+def _read_history(workdir: Path, keep_epochs: int) -> list[dict]:
+    """metrics.jsonl up to the checkpointed epoch (a crash may have left a line past it)."""
+    path = workdir / METRICS_FILE
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    kept = [r for r in lines if r["epoch"] <= keep_epochs]
+    if len(kept) != len(lines) and jax.process_index() == 0:
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def _export_best(
+    workdir: Path, config: Config, classes: tuple[str, ...], state: TrainState, record: dict
+) -> None:
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    save_model(
+        workdir / MODEL_DIR,
+        config=config,
+        classes=classes,
+        variables=variables,
+        kind="action",
+        metadata={
+            "version": f"{config.name}-epoch{record['epoch']}-step{record['step']}",
+            "epoch": record["epoch"],
+            "step": record["step"],
+            "val_accuracy": record["val_accuracy"],
+            "val_loss": record["val_loss"],
+        },
+    )
+
+
+def plot_curves(history: list[dict], path: str | Path) -> None:
+    """Loss and accuracy per epoch (train and validation) as a PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "accuracy", "accuracy")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label="train")
+        ax.plot(epochs, [r[f"val_{key}"] for r in history], "o-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def _stop_on_signal():
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop at the next step (a second one kills)."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        if requested.is_set():
+            signal.signal(signum, previous[signum])
+            signal.raise_signal(signum)
+            return
+        requested.set()
+        log.warning("signal %d: saving a checkpoint and stopping (send again to kill)", signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield requested.is_set
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)

@@ -1,0 +1,134 @@
+"""Training throughput: train-step images/s and the wall time of one epoch, once compiled.
+
+    python scripts/bench_train.py --config tiny --batch-size 16 --epoch-images 480    # CPU
+    python scripts/bench_train.py --batch-size 256 --set model.dtype=bfloat16         # GPU/TPU
+
+The step benchmark feeds one batch already on the devices (the model's own speed); the epoch
+benchmark runs the training loop's real input path (host gather, sharding, prefetch) over
+``--epoch-images`` images held in memory, or over the training split of ``--data-dir``.
+Prints one JSON object; every number in it was measured by this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="default", help="preset name (default, tiny)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch size")
+    parser.add_argument("--steps", type=int, default=50, help="timed train steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation)")
+    parser.add_argument("--epoch-images", type=int, default=12600, help="images in one epoch")
+    parser.add_argument("--data-dir", type=Path, default=None, help="use this data's train split")
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("/tmp/har-bench"), help="for --data-dir"
+    )
+    parser.add_argument("--frozen", action="store_true", help="time the head-only stage's step")
+    return parser
+
+
+class _Memory:
+    """An in-memory training split with random pixels (the speed does not depend on them)."""
+
+    def __init__(self, n: int, size: int, classes: int, seed: int = 0):
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        self.images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        self.labels = rng.integers(0, classes, n).astype(np.int32)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get_batch(self, idx):
+        return self.images[idx], self.labels[idx]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import jax
+    import numpy as np
+
+    from har_flax import sharding, train
+    from har_flax.cli.train import parse_overrides
+    from har_flax.config import get_config, override
+
+    config = override(get_config(args.config), parse_overrides(args.overrides))
+    if args.batch_size:
+        config = override(config, {"train.batch_size": args.batch_size})
+    bs, size = config.train.batch_size, config.model.image_size
+    if config.model.pretrained != "none":  # Speed does not depend on the weights' values.
+        config = override(config, {"model.pretrained": "none"})
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(bs, mesh)
+
+    if args.data_dir is not None:
+        from har_flax.data import load_splits
+
+        splits = load_splits(args.data_dir, args.workdir, image_size=size, data_config=config.data)
+        source = splits.train
+        config = override(config, {"model.num_classes": len(splits.classes)})
+    else:
+        source = _Memory(args.epoch_images, size, config.model.num_classes)
+    spe = train.steps_per_epoch(len(source), bs)
+
+    state = sharding.replicate(train.create_train_state(config, spe), mesh)
+    step = train.make_train_step(config, spe, freeze_backbone=args.frozen)
+    key = jax.random.key(0)
+    images, labels = source.get_batch(np.arange(bs) % len(source))
+    batch = sharding.shard_batch(
+        {"image": train._add_time_axis(images, config.model.num_frames), "label": labels}, mesh, bs
+    )
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        state, metrics = step(state, batch, key)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = step(state, batch, key)
+    jax.block_until_ready(metrics)
+    step_s = (time.perf_counter() - t0) / args.steps
+
+    # One epoch through the real input path: gather, shard, prefetch, step.
+    order = train.epoch_permutation(len(source), 0, 0)
+    local = sharding.process_slice(bs)
+    batches = train._prefetch(train._train_batches(source, order, bs, 0, spe, local, config))
+    t0 = time.perf_counter()
+    for host_batch in batches:
+        state, metrics = step(state, sharding.shard_batch(host_batch, mesh, bs), key)
+    jax.block_until_ready(metrics)
+    epoch_s = time.perf_counter() - t0
+    batches.close()
+
+    result = {
+        "device": str(jax.devices()[0].device_kind),
+        "devices": jax.device_count(),
+        "config": config.name,
+        "image_size": size,
+        "dtype": config.model.dtype,
+        "batch_size": bs,
+        "frozen_backbone": args.frozen,
+        "warmup_seconds": round(compile_s, 2),
+        "step_ms": round(step_s * 1e3, 3),
+        "train_step_images_per_sec": round(bs / step_s, 1),
+        "epoch_images": spe * bs,
+        "epoch_seconds": round(epoch_s, 3),
+        "epoch_images_per_sec": round(spe * bs / epoch_s, 1),
+        "final_loss": float(metrics["loss"]),
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Augmentation: deterministic per key, mild, shape-preserving, the same for every frame."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from har_flax.augment import AugmentConfig, augment
+
+NONE = AugmentConfig(min_area=1.0, max_aspect=1.0, flip=False, brightness=0, contrast=0,
+                     saturation=0)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def frames(photo_arrays):
+    """Two real photographs at 48x64, as (B=2, T=2, H, W, 3) uint8 (frame 1 = frame 0 + 10)."""
+    from PIL import Image
+
+    stills = [
+        np.asarray(Image.fromarray(photo_arrays[n]).resize((64, 48))) for n in ("chelsea", "coffee")
+    ]
+    x = np.stack(stills)[:, None]  # (2, 1, 48, 64, 3)
+    return np.concatenate([x, np.clip(x.astype(int) + 10, 0, 255).astype(np.uint8)], axis=1)
+
+
+def test_identity_when_every_range_is_zero(frames):
+    out = augment(frames, jax.random.key(0), NONE)
+    assert out.dtype == jnp.float32 and out.shape == frames.shape
+    np.testing.assert_allclose(np.asarray(out), frames, atol=1e-3)
+
+
+def test_flip_only_mirrors_exactly(frames):
+    cfg = AugmentConfig(min_area=1.0, max_aspect=1.0, flip=True, brightness=0, contrast=0,
+                        saturation=0)  # fmt: skip
+    seen = set()
+    for seed in range(8):
+        out = np.asarray(augment(frames, jax.random.key(seed), cfg))
+        for b in range(len(frames)):
+            if np.allclose(out[b], frames[b], atol=1e-3):
+                seen.add("same")
+            else:
+                np.testing.assert_allclose(out[b], frames[b, :, :, ::-1], atol=1e-3)
+                seen.add("flipped")
+    assert seen == {"same", "flipped"}
+
+
+def test_deterministic_per_key_and_different_across_keys(frames):
+    f = jax.jit(lambda x, k: augment(x, k))
+    a = np.asarray(f(frames, jax.random.key(1)))
+    np.testing.assert_array_equal(a, np.asarray(f(frames, jax.random.key(1))))
+    assert not np.allclose(a, np.asarray(f(frames, jax.random.key(2))))
+    # Each example in a batch gets its own draw.
+    twins = np.stack([frames[0], frames[0]])
+    out = np.asarray(f(twins, jax.random.key(3)))
+    assert not np.allclose(out[0], out[1])
+
+
+def test_mild_range_and_same_transform_for_every_frame(frames):
+    for seed in range(4):
+        out = np.asarray(augment(frames, jax.random.key(seed)))
+        assert out.min() >= 0 and out.max() <= 255
+        # Mild: the picture stays close to the original (or its mirror image).
+        for b in range(len(frames)):
+            x = frames[b].astype(np.float32)
+            err = min(np.abs(out[b] - x).mean(), np.abs(out[b] - x[:, :, ::-1]).mean())
+            assert err < 45, err
+        # Frame 1 was frame 0 brightened by 10: one shared crop/flip/jitter keeps them related.
+        diff = (out[:, 1] - out[:, 0]).mean(axis=(1, 2, 3))
+        assert np.all((diff > 5) & (diff < 15)), diff
+
+
+def test_crop_zooms_in(frames):
+    # min_area 0.5 with no other change: a crop shows less of the image, so fewer distinct
+    # columns of the original survive; compare sharpness (zooming in blurs).
+    cfg = AugmentConfig(min_area=0.5, max_aspect=1.0, flip=False, brightness=0, contrast=0,
+                        saturation=0)  # fmt: skip
+    out = np.asarray(augment(frames, jax.random.key(0), cfg))
+    grad = lambda x: np.abs(np.diff(x.astype(np.float32), axis=-2)).mean()  # noqa: E731
+    assert grad(out) < grad(frames)
+
+
+def test_bad_input_is_explained():
+    with pytest.raises(ValueError, match=r"\(B, T, H, W, C\)"):
+        augment(jnp.zeros((2, 8, 8, 3)), jax.random.key(0))
+    with pytest.raises(ValueError, match="min_area"):
+        AugmentConfig(min_area=0.0)

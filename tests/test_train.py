@@ -1,0 +1,151 @@
+"""Training: schedules, the frozen stage, a resumed run ending where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from har_flax import train
+from har_flax.checkpoint import load_model
+from har_flax.config import TrainConfig, override, tiny
+from har_flax.data import load_splits
+from har_flax.data.synthetic import write_synthetic_kaggle
+
+# Small and fast: 4 steps of 8 images per epoch.
+CONFIG = override(
+    tiny(),
+    {
+        "train.batch_size": 8,
+        "train.epochs": 3,
+        "model.bn_momentum": 0.9,
+        "train.log_every_steps": 2,
+    },
+)
+TIMING_KEYS = ("images_per_sec", "epoch_seconds")
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = write_synthetic_kaggle(root / "data", train_per_class=14, test_count=3, seed=2)
+    s = load_splits(data, root / "split", image_size=32, data_config=CONFIG.data)
+    assert train.steps_per_epoch(len(s.train), 8) == 4
+    return s
+
+
+def test_two_stage_schedules():
+    cfg = TrainConfig(epochs=4, head_only_epochs=2, warmup_epochs=0.5, learning_rate=1e-2,
+                      finetune_learning_rate=1e-3)  # fmt: skip
+    head, backbone = train.learning_rate_schedules(cfg, steps_per_epoch=10)
+    # Stage 1 (steps 0-19): the backbone's rate is 0; the head warms up to 1e-2 in 5 steps.
+    assert all(float(backbone(s)) == 0.0 for s in range(20))
+    assert float(head(5)) == pytest.approx(1e-2, rel=1e-3)
+    # Stage 2 (steps 20-39): both warm up again to the fine-tuning rate, then decay.
+    assert float(head(25)) == pytest.approx(1e-3, rel=1e-3)
+    assert float(backbone(25)) == pytest.approx(1e-3, rel=1e-3)
+    assert float(backbone(39)) < 2e-4
+    single_head, single_backbone = train.learning_rate_schedules(
+        TrainConfig(epochs=4, head_only_epochs=0, warmup_epochs=1, learning_rate=1e-2), 10
+    )
+    assert float(single_backbone(10)) == float(single_head(10)) == pytest.approx(1e-2)
+
+
+def test_frozen_stage_changes_the_head_only(splits):
+    state = train.create_train_state(CONFIG, 4)
+    images, labels = splits.train.get_batch(np.arange(8))
+    batch = {"image": images[:, None], "label": labels}
+    before = jax.device_get(state.params)
+    step = train.make_train_step(CONFIG, 4, freeze_backbone=True)
+    for _ in range(2):  # step 0 of a warm-up has learning rate 0
+        state, metrics = step(state, batch, jax.random.key(0))
+    after = jax.device_get(state.params)
+    jax.tree.map(np.testing.assert_array_equal, after["backbone"], before["backbone"])
+    assert not np.allclose(after["logits"]["kernel"], before["logits"]["kernel"])
+    assert not np.allclose(after["cell"]["ii"]["kernel"], before["cell"]["ii"]["kernel"])
+    assert int(state.step) == 2 and np.isfinite(float(metrics["loss"]))
+
+
+def _strip(history):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in history]
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(splits, tmp_path):
+    whole = train.fit(CONFIG, tmp_path / "whole", splits=splits, progress_bar=False)
+    assert whole.finished and not whole.interrupted and len(whole.history) == 3
+
+    # Stopped in the middle of epoch 2 (step 6 of 12), then the same call again, twice.
+    parts = tmp_path / "parts"
+    first = train.fit(CONFIG, parts, splits=splits, max_steps=6, progress_bar=False)
+    assert first.interrupted and not first.finished and int(first.state.step) == 6
+    assert [r["epoch"] for r in first.history] == [1]
+    resumed = train.fit(CONFIG, parts, splits=splits, progress_bar=False)
+    assert resumed.finished and int(resumed.state.step) == 12
+
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.device_get(resumed.state.params),
+        jax.device_get(whole.state.params),
+    )
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.device_get(resumed.state.opt_state),
+        jax.device_get(whole.state.opt_state),
+    )
+    assert _strip(resumed.history) == _strip(whole.history)
+    lines = [json.loads(x) for x in (parts / "metrics.jsonl").read_text().splitlines()]
+    assert _strip(lines) == _strip(whole.history)  # one line per epoch, none repeated
+
+    # A finished run restarted does nothing and says so.
+    again = train.fit(CONFIG, parts, splits=splits, progress_bar=False)
+    assert again.finished and int(again.state.step) == 12
+
+    # The work directory: config, best model for the server, checkpoints, curves, cache.
+    assert json.loads((parts / "config.json").read_text())["model"]["num_classes"] == 3
+    config, labels, variables = load_model(parts / "model")
+    best = max(whole.history, key=lambda r: r["val_accuracy"])
+    assert labels["classes"] == list(splits.classes) and labels["kind"] == "action"
+    assert labels["val_accuracy"] == best["val_accuracy"] and labels["epoch"] == best["epoch"]
+    assert config == whole.config
+    assert (parts / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (parts / "checkpoints").iterdir()) == ["best", "latest"]
+    assert [p.name for p in (parts / "checkpoints" / "latest").iterdir() if p.name.isdigit()] == [
+        "12"
+    ]
+    for r in whole.history:
+        assert set(r) >= {
+            "train_loss",
+            "train_accuracy",
+            "val_loss",
+            "val_accuracy",
+            "images_per_sec",
+        }
+
+
+def test_early_stopping_and_model_mismatch(splits, tmp_path):
+    # The rule: stop after `patience` epochs in a row without a new best validation accuracy.
+    # With a head-only first epoch: the two-stage loop runs the frozen step, then the full one.
+    cfg = override(
+        CONFIG,
+        {"train.epochs": 6, "train.early_stopping_patience": 1, "train.head_only_epochs": 1},
+    )
+    result = train.fit(cfg, tmp_path, splits=splits, progress_bar=False)
+    assert [r["stage"] for r in result.history][:2] == ["head", "all"]
+    accs = [r["val_accuracy"] for r in result.history]
+    stop = next((i for i in range(1, len(accs)) if accs[i] <= max(accs[:i])), None)
+    if stop is None:
+        assert len(accs) == 6 and not result.stopped_early
+    else:
+        assert len(accs) == stop + 1 and result.stopped_early and result.finished
+    assert result.best_val_accuracy == max(accs)
+
+    # Resuming a run with another model is refused with the fields that differ.
+    with pytest.raises(ValueError, match="another model.*lstm_units"):
+        train.fit(override(cfg, {"model.lstm_units": 8}), tmp_path, splits=splits)
+
+
+def test_too_few_images_for_a_batch():
+    with pytest.raises(ValueError, match="fewer than one batch of 64"):
+        train.steps_per_epoch(10, 64)
