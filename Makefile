@@ -16,8 +16,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,dev]'
 	@touch $(STAMP)
 
+# `make serve MODEL=runs/har/model` serves a trained model instead of the built-in default.
 serve: install
-	$(PY) scripts/serve_all.py
+	$(PY) scripts/serve_all.py $(if $(MODEL),--model $(MODEL))
 
 test: install
 	$(PY) -m pytest

@@ -1,6 +1,6 @@
 """`har-serve`: the gRPC model server's command line (every flag also a HAR_SERVE_* variable).
 
-    har-serve --model runs/best --port 50051 --metrics-port 9090
+    har-serve --model runs/har/model --port 50051 --metrics-port 9090
     HAR_SERVE_PORT=0 HAR_SERVE_AUTH_TOKEN_FILE=/run/secrets/token har-serve
 
 Exit codes: 0 after a clean shutdown (SIGTERM/SIGINT), 1 if the model cannot be loaded,
