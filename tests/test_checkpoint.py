@@ -1,0 +1,107 @@
+"""Model directories: round trip, atomic replacement, and clear errors for broken ones."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from har_flax import checkpoint
+from har_flax.config import tiny
+
+CLASSES = ["calling", "clapping", "cycling"]
+
+
+def _variables(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "params": {"dense": {"kernel": rng.normal(size=(4, 3)).astype(np.float32)}},
+        "batch_stats": {"bn": {"mean": rng.normal(size=(3,)).astype(np.float32)}},
+    }
+
+
+def _leftovers(parent) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_round_trip_keeps_config_classes_metadata_and_arrays(tmp_path):
+    variables = _variables(0)
+    out = checkpoint.save_model(
+        tmp_path / "model",
+        config=tiny(),
+        classes=CLASSES,
+        variables=variables,
+        metadata={"version": "v7"},
+    )
+    config, labels, restored = checkpoint.load_model(out)
+    assert config == tiny()
+    assert labels == {"classes": CLASSES, "kind": "action", "version": "v7"}
+    np.testing.assert_array_equal(
+        restored["params"]["dense"]["kernel"], variables["params"]["dense"]["kernel"]
+    )
+    np.testing.assert_array_equal(
+        restored["batch_stats"]["bn"]["mean"], variables["batch_stats"]["bn"]["mean"]
+    )
+    assert _leftovers(tmp_path) == []
+
+
+def test_saving_again_replaces_the_whole_directory(tmp_path):
+    path = tmp_path / "model"
+    checkpoint.save_model(path, config=tiny(), classes=CLASSES, variables=_variables(0))
+    checkpoint.save_model(path, config=tiny(), classes=CLASSES, variables=_variables(1))
+    _, _, restored = checkpoint.load_model(path)
+    np.testing.assert_array_equal(
+        restored["params"]["dense"]["kernel"], _variables(1)["params"]["dense"]["kernel"]
+    )
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_failed_save_leaves_the_previous_model_intact(tmp_path):
+    path = tmp_path / "model"
+    checkpoint.save_model(path, config=tiny(), classes=CLASSES, variables=_variables(0))
+    broken = {"params": {"dense": {"kernel": object()}}}  # orbax cannot write this
+    with pytest.raises(Exception):  # noqa: B017 - whatever orbax raises, the old model survives
+        checkpoint.save_model(path, config=tiny(), classes=CLASSES, variables=broken)
+    _, labels, restored = checkpoint.load_model(path)
+    assert labels["classes"] == CLASSES
+    np.testing.assert_array_equal(
+        restored["params"]["dense"]["kernel"], _variables(0)["params"]["dense"]["kernel"]
+    )
+    assert _leftovers(tmp_path) == []
+
+
+def test_class_count_must_match_the_model(tmp_path):
+    with pytest.raises(ValueError, match="2 class names for a model with 3 outputs"):
+        checkpoint.save_model(
+            tmp_path / "m", config=tiny(), classes=CLASSES[:2], variables=_variables(0)
+        )
+    assert not (tmp_path / "m").exists()
+
+
+def test_load_errors_name_what_is_wrong(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        checkpoint.load_model(tmp_path / "nope")
+    path = checkpoint.save_model(
+        tmp_path / "model", config=tiny(), classes=CLASSES, variables=_variables(0)
+    )
+    labels = path / checkpoint.LABELS_FILE
+    labels.write_text(json.dumps({"classes": ["a"], "kind": "action"}))
+    with pytest.raises(checkpoint.CheckpointError, match="expected 3 class names"):
+        checkpoint.load_model(path)
+    (path / checkpoint.CONFIG_FILE).write_text("{not json")
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable config or labels"):
+        checkpoint.load_model(path)
+    (path / checkpoint.CONFIG_FILE).unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="config.json is missing"):
+        checkpoint.load_model(path)
+
+
+def test_atomic_write_replaces_and_leaves_no_temporary_files(tmp_path):
+    target = tmp_path / "sub" / "report.json"
+    checkpoint.atomic_write_text(target, "first")
+    checkpoint.atomic_write_text(target, "second ✓")
+    assert target.read_text(encoding="utf-8") == "second ✓"
+    checkpoint.atomic_write_bytes(target, b"\x00\x01")
+    assert target.read_bytes() == b"\x00\x01"
+    assert _leftovers(target.parent) == []
