@@ -22,10 +22,12 @@ class ServerConfig:
     max_frames: int | None = None  # Frames of one request (images or animation frames).
     # Dynamic batching.
     # None = auto: on with a GPU or TPU, off on a CPU, where a batched forward costs more per
-    # image than single ones (docs/BENCHMARKS_serve.md). False = each request runs alone.
+    # image than single ones (docs/BENCHMARKS.md). False = each request runs alone.
     batching: bool | None = None
     max_batch_size: int = 32  # Largest batch one jitted call sees (buckets: 1, 2, 4, ...).
-    max_wait_us: int = 2000  # How long the first queued request waits for company.
+    # How long the first queued request waits for company. 0 (as in Triton) = no added
+    # latency: batches still form from the requests that arrive while the model is busy.
+    max_wait_us: int = 0
     max_queue: int = 256  # Requests waiting for the model; one more = RESOURCE_EXHAUSTED.
     model_threads: int = 1  # Batches run concurrently (>1 helps small batches on a CPU).
     warmup: bool = True  # Compile every batch bucket before reporting SERVING.

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,8,32", help="client counts, comma-separated")
     parser.add_argument("--repeats", type=int, default=40, help="raw forward repetitions")
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-wait-us", type=int, default=2000)
+    parser.add_argument("--max-wait-us", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
