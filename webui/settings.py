@@ -109,6 +109,11 @@ def validate(config: Mapping[str, Any]) -> None:
         path = config[key]
         if path and not os.path.isfile(path):
             raise ValueError(f"{key}={path!r}: no such file")
+    tls_files = [k for k in ("HAR_GRPC_CA_CERT", "HAR_GRPC_CLIENT_CERT", "HAR_GRPC_SERVER_NAME")
+                 if config[k]]  # fmt: skip
+    if tls_files and not config["HAR_GRPC_TLS"]:
+        # Otherwise the channel would quietly be plaintext and fail only at the first request.
+        raise ValueError(f"{', '.join(tls_files)} set but HAR_GRPC_TLS is off; set HAR_GRPC_TLS=1")
     if bool(config["HAR_GRPC_CLIENT_CERT"]) != bool(config["HAR_GRPC_CLIENT_KEY"]):
         raise ValueError("HAR_GRPC_CLIENT_CERT and HAR_GRPC_CLIENT_KEY must be set together")
     token_file = config["HAR_GRPC_TOKEN_FILE"]
