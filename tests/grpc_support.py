@@ -32,6 +32,41 @@ LISTENING = re.compile(r"listening on (\S+):(\d+)")
 METRICS = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
 
 
+_EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _self_signed_ca(name: str, cwd: Path) -> None:
+    _openssl("req", "-x509", *_EC_KEY, "-keyout", f"{name}.key", "-out", f"{name}.pem",
+             "-days", "2", "-subj", f"/CN=har-test-{name}",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=cwd)  # fmt: skip
+
+
+def make_test_certs(directory: Path, *, extra_cas: Sequence[str] = ()) -> Path:
+    """Writes test certificates with the openssl CLI into `directory` and returns it.
+
+    ca.pem signs server.pem (SAN localhost, 127.0.0.1) and client.pem (clientAuth), each with
+    its .key; every name in `extra_cas` is one more self-signed CA (NAME.pem, NAME.key) that
+    signs nothing, for "wrong CA" cases.
+    """
+    _self_signed_ca("ca", directory)
+    for name in extra_cas:
+        _self_signed_ca(name, directory)
+    (directory / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    (directory / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name in ("server", "client"):
+        _openssl("req", *_EC_KEY, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=directory)  # fmt: skip
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
+                 "-extfile", f"{name}.ext", cwd=directory)  # fmt: skip
+    return directory
+
+
 def tiny_model_dir(base: Path) -> Path:
     """A tiny random action model (32x32, 3 classes) under `base`, created once per `base`.
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import io
 import math
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import grpc
 import pytest
 import test_webui_support as support
+from grpc_support import make_test_certs
 
 from har_flax.proto.har.v1 import har_pb2, har_pb2_grpc
 from webui import create_app
@@ -30,36 +30,12 @@ from webui import create_app
 # --------------------------------------------------------------------------- certificates
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-_EC = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-
-
-def _self_signed_ca(name: str, cwd: Path) -> None:
-    _openssl("req", "-x509", *_EC, "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
-             "-subj", f"/CN=har-test-{name}", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=cwd)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Path:
     """ca.pem signs server.pem (localhost, 127.0.0.1) and client.pem; other-ca.pem signs nothing."""
     if shutil.which("openssl") is None:
         pytest.skip("the openssl CLI is needed to make test certificates")
-    d = tmp_path_factory.mktemp("webui-certs")
-    _self_signed_ca("ca", d)
-    _self_signed_ca("other-ca", d)
-    (d / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for name in ("server", "client"):
-        _openssl("req", *_EC, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=d)  # fmt: skip
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
-                 "-extfile", f"{name}.ext", cwd=d)  # fmt: skip
-    return d
+    return make_test_certs(tmp_path_factory.mktemp("webui-certs"), extra_cas=("other-ca",))
 
 
 # --------------------------------------------------------------------------- servers
