@@ -54,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where prepared arrays are cached (default W/tfds); share it between runs",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no training progress bar (a first-time dataset build still shows its own)",
+    )
     return parser
 
 
