@@ -39,6 +39,15 @@ class ModelConfig:
     depthwise_impl: str = "auto"  # "conv" (grouped conv), "shift" (9 multiply-adds), "auto".
     bn_momentum: float = 0.99  # BatchNorm running-average momentum (Keras: 0.999 backbone).
     pretrained: str = "tflite"  # Backbone init: "tflite" (bundled), "none", or a ported dir.
+    # Backbone BatchNorm in inference mode while training; None = yes for a pretrained backbone
+    # (keeps its statistics, which the folded TFLite weights need), no when pretrained="none".
+    freeze_backbone_batchnorm: bool | None = None
+
+    @property
+    def backbone_batchnorm_frozen(self) -> bool:
+        if self.freeze_backbone_batchnorm is None:
+            return self.pretrained != "none"
+        return self.freeze_backbone_batchnorm
 
     def __post_init__(self):
         if self.num_classes < 2:
@@ -60,6 +69,11 @@ class ModelConfig:
         if self.depthwise_impl not in DEPTHWISE_IMPLS:
             raise ValueError(
                 f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {self.depthwise_impl!r}"
+            )
+        if self.freeze_backbone_batchnorm not in (None, True, False):
+            raise ValueError(
+                "freeze_backbone_batchnorm must be true, false or None (auto), "
+                f"got {self.freeze_backbone_batchnorm!r}"
             )
         for name in ("lstm_dropout", "head_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
@@ -193,7 +207,8 @@ def override(config: Config, overrides: dict[str, Any]) -> Config:
         for k, v in fields.items():
             if k not in known:
                 raise ValueError(f"unknown field {group}.{k}; known: {sorted(known)}")
-            converted[k] = _convert(v, getattr(sub, k), f"{group}.{k}")
+            optional = "None" in str(known[k].type)  # e.g. "bool | None": None means auto
+            converted[k] = _convert(v, getattr(sub, k), f"{group}.{k}", optional=optional)
         config = dataclasses.replace(config, **{group: dataclasses.replace(sub, **converted)})
     if top:
         bad = set(top) - {"name"}
@@ -205,9 +220,13 @@ def override(config: Config, overrides: dict[str, Any]) -> Config:
     return config
 
 
-def _convert(value: Any, current: Any, key: str) -> Any:
+def _convert(value: Any, current: Any, key: str, optional: bool = False) -> Any:
     """Converts a CLI string to the type of ``current``; checks the type of non-strings."""
     kind = type(current).__name__
+    if optional:  # An optional bool ("auto" = None), the only optional fields here.
+        if value is None or str(value).strip().lower() in ("none", "auto"):
+            return None
+        current, kind = False, "bool or auto"
     if not isinstance(value, str):
         ok = (
             isinstance(value, bool)

@@ -113,6 +113,14 @@ def test_override_converts_strings_to_the_field_type():
     assert default().train.batch_size == 32
 
 
+def test_override_freeze_backbone_batchnorm_takes_bool_or_auto():
+    off = override(default(), {"model.freeze_backbone_batchnorm": "false"})
+    assert off.model.freeze_backbone_batchnorm is False and not off.model.backbone_batchnorm_frozen
+    auto = override(off, {"model.freeze_backbone_batchnorm": "auto"})
+    assert auto.model.freeze_backbone_batchnorm is None and auto.model.backbone_batchnorm_frozen
+    assert Config.from_json(off.to_json()) == off
+
+
 def test_override_accepts_typed_values_and_an_empty_dict():
     c = override(tiny(), {"train.epochs": 9, "model.head_units": (8,)})
     assert c.train.epochs == 9 and c.model.head_units == (8,)
@@ -134,6 +142,10 @@ def test_override_accepts_typed_values_and_an_empty_dict():
         ({"train.augment": 1}, r"cannot use 1 for train.augment \(a bool\)"),
         ({"model.width": True}, r"cannot use True for model.width \(a float\)"),
         ({"name": 5}, r"cannot use 5 for name \(a str\)"),
+        (
+            {"model.freeze_backbone_batchnorm": "maybe"},
+            r"cannot use 'maybe' for model.freeze_backbone_batchnorm \(a bool or auto\)",
+        ),
         # Converted fine, then refused by the dataclass's own validation.
         ({"model.num_classes": "1"}, "num_classes must be at least 2, got 1"),
         ({"model.depthwise_impl": "fast"}, "depthwise_impl must be one of"),

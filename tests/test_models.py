@@ -426,3 +426,36 @@ def test_default_model_real_size():
     # With the 1001-way ImageNet top of the bundled weights: + 1280 * 1001 + 1001.
     clf_shapes = jax.eval_shape(FrameClassifier(num_classes=1001).init, jax.random.key(0), frames)
     assert _count(clf_shapes["params"]) == 2_223_872 + 1280 * 1001 + 1001
+
+
+# --- pretrained backbones keep their BatchNorm statistics while fine-tuning ----------------------
+
+
+def test_frozen_backbone_batchnorm_trains_the_head_only(frames, variables, eval_run):
+    frozen = dataclasses.replace(CFG, freeze_backbone_batchnorm=True)
+    _, state = forward(create_model(frozen), variables, frames, 0, True)
+    # The backbone runs in inference mode: eval-mode features, untouched running statistics.
+    assert_close(state["intermediates"]["features"][0], eval_run["features"])
+    for a, b in zip(
+        jax.tree.leaves(state["batch_stats"]["backbone"]),
+        jax.tree.leaves(variables["batch_stats"]["backbone"]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    # The head's BatchNorm still trains (momentum 0: its statistics become the batch's).
+    assert not np.allclose(
+        state["batch_stats"]["bn_0"]["mean"], variables["batch_stats"]["bn_0"]["mean"]
+    )
+    # Without freezing, training mode does move the backbone (the check above can fail).
+    _, unfrozen = forward(create_model(CFG), variables, frames, 0, True)
+    assert not np.allclose(
+        unfrozen["intermediates"]["features"][0], eval_run["features"], atol=1e-3
+    )
+
+
+def test_pretrained_backbones_freeze_batchnorm_by_default():
+    assert default().model.backbone_batchnorm_frozen  # the bundled TFLite weights
+    assert not tiny().model.backbone_batchnorm_frozen  # trained from scratch
+    assert create_model(default().model).freeze_backbone_batchnorm
+    explicit = dataclasses.replace(default().model, freeze_backbone_batchnorm=False)
+    assert not create_model(explicit).freeze_backbone_batchnorm

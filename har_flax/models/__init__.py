@@ -23,6 +23,7 @@ def create_model(config: ModelConfig) -> CNNLSTM:
         head_dropout=config.head_dropout,
         depthwise_impl=config.depthwise_impl,
         bn_momentum=config.bn_momentum,
+        freeze_backbone_batchnorm=config.backbone_batchnorm_frozen,
         dtype=jnp.dtype(config.dtype),
         param_dtype=jnp.dtype(config.param_dtype),
     )

@@ -32,6 +32,11 @@ class CNNLSTM(nn.Module):
     head_dropout: float = 0.3
     depthwise_impl: str = "auto"
     bn_momentum: float = 0.99
+    # Run the backbone's BatchNorm in inference mode even when training (Keras' advice for
+    # fine-tuning a pretrained network): its statistics stay the pretrained ones. Essential for
+    # the bundled TFLite weights, whose BatchNorm is folded into the convolutions: in training
+    # mode, batch statistics would re-normalise every channel and lose its folded scale.
+    freeze_backbone_batchnorm: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -42,7 +47,8 @@ class CNNLSTM(nn.Module):
         x = normalize_uint8(frames, self.dtype)  # (B, T, H, W, 3)
 
         # One set of backbone weights for every frame. BatchNorm pools its statistics over the
-        # vmapped time axis too, so training statistics come from all B*T frames.
+        # vmapped time axis too, so training statistics come from all B*T frames. (The backbone
+        # has no dropout: its train flag only switches BatchNorm.)
         backbone = nn.vmap(
             MobileNetV2,
             in_axes=(1, None),
@@ -59,7 +65,7 @@ class CNNLSTM(nn.Module):
             param_dtype=self.param_dtype,
             name="backbone",
         )
-        feats = backbone(x, train)  # (B, T, D)
+        feats = backbone(x, train and not self.freeze_backbone_batchnorm)  # (B, T, D)
         # Kept only when "intermediates" is mutable: lets tests and analyses see the features.
         self.sow("intermediates", "features", feats)
 
