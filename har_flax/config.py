@@ -19,7 +19,7 @@ HAR_ACTIONS: tuple[str, ...] = (
 )  # fmt: skip
 
 DTYPES = ("float32", "bfloat16", "float16")
-DEPTHWISE_IMPLS = ("auto", "conv", "shift")
+DEPTHWISE_IMPLS = ("auto", "conv", "gemm", "shift")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,7 +36,8 @@ class ModelConfig:
     head_dropout: float = 0.3  # Dropout after each head block.
     dtype: str = "float32"  # Compute dtype; "bfloat16" on GPU/TPU.
     param_dtype: str = "float32"  # Parameter dtype (kept float32 for optimiser stability).
-    depthwise_impl: str = "auto"  # "conv" (grouped conv), "shift" (9 multiply-adds), "auto".
+    # "conv" (all XLA convolutions), "gemm" (1x1 as matrix products), "shift" (CPU), "auto".
+    depthwise_impl: str = "auto"
     bn_momentum: float = 0.99  # BatchNorm running-average momentum (Keras: 0.999 backbone).
     pretrained: str = "tflite"  # Backbone init: "tflite" (bundled), "none", or a ported dir.
     # Backbone BatchNorm in inference mode while training; None = yes for a pretrained backbone
@@ -109,6 +110,14 @@ class TrainConfig:
     early_stopping_patience: int = 7  # Epochs without val-accuracy gain before stopping.
     augment: bool = True  # Random resized crop, flip, colour jitter, on the accelerator.
     log_every_steps: int = 20
+    # Steps with a non-finite loss or gradient are skipped (no update); this many in a row stop
+    # training with an error (TrainingDivergedError) instead of wasting the rest of the run.
+    max_nonfinite_steps: int = 10
+
+    def __post_init__(self):
+        for name in ("batch_size", "epochs", "log_every_steps", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -205,20 +205,32 @@ def _train_step(
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
+    grad_norm = optax.tree.norm(grads)
+    # A step whose loss or gradient is not finite (an overflow, a diverging learning rate, a
+    # faulty kernel) is skipped: it changes nothing but the step counter, and the host counts
+    # it (see _NonFiniteGuard), so one bad batch cannot poison the weights for good.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
         "learning_rate": head_schedule(state.step),
+        "grad_norm": grad_norm,
+        "skipped": jnp.logical_not(finite),
+        "step": state.step,
     }
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     if freeze_backbone:
         # Frozen means unchanged, whatever the schedule says (weight decay included).
         updates = {**updates, "backbone": jax.tree.map(jnp.zeros_like, updates["backbone"])}
+
+    def keep_if_bad(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
     state = state.replace(
         step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        opt_state=opt_state,
-        batch_stats=batch_stats,
+        params=keep_if_bad(optax.apply_updates(state.params, updates), state.params),
+        opt_state=keep_if_bad(opt_state, state.opt_state),
+        batch_stats=keep_if_bad(batch_stats, state.batch_stats),
     )
     return state, metrics
 
@@ -235,7 +247,8 @@ def make_train_step(
 
     ``batch`` is ``{"image": uint8 (B, T, H, W, 3), "label": int32 (B,)}``; ``rng`` is the run's
     root key, folded with ``state.step`` inside, so a step's randomness depends only on the seed
-    and the step. Metrics are scalars: loss (with label smoothing), accuracy, learning_rate.
+    and the step. Metrics are scalars: loss (with label smoothing), accuracy, learning_rate,
+    grad_norm, skipped (the loss or gradient was not finite, so nothing was updated) and step.
     Cached on its (hashable) arguments, so a second run in one process does not recompile.
     """
     head, _ = learning_rate_schedules(config.train, steps_per_epoch)
@@ -392,7 +405,7 @@ def fit(
         "best_val_accuracy": -1.0,
         "best_epoch": 0,
         "epochs_without_improvement": 0,
-        "sums": {"loss": 0.0, "accuracy": 0.0, "steps": 0, "seconds": 0.0},
+        "sums": _new_sums(),
         "finished": False,
         "stopped_early": False,
     }
@@ -447,8 +460,9 @@ def fit(
     global_step = progress["epoch"] * spe + progress["step_in_epoch"]
     bar = _progress_bar(total_steps, global_step, progress_bar and jax.process_index() == 0)
     local = sharding.process_slice(tc.batch_size)
+    guard = _NonFiniteGuard(tc.max_nonfinite_steps)
 
-    with _stop_on_signal() as stop_requested, bar:
+    with _stop_on_signal() as stop_requested, bar, _closing_on_error(ckpts):
         for epoch in range(progress["epoch"], tc.epochs):
             frozen = epoch < tc.head_only_epochs
             order = epoch_permutation(len(splits.train), tc.seed, epoch)
@@ -456,7 +470,7 @@ def fit(
             batches = _prefetch(
                 _train_batches(splits.train, order, tc.batch_size, first, spe, local, config)
             )
-            meter = _Meter(progress["sums"], bar, tc.batch_size)
+            meter = _Meter(progress["sums"], bar, tc.batch_size, guard)
 
             for i in range(first, spe):
                 if (max_steps is not None and global_step >= max_steps) or stop_requested():
@@ -472,8 +486,10 @@ def fit(
                 meter.add(metrics)
                 global_step += 1
                 if meter.pending >= tc.log_every_steps:
-                    meter.flush()
-            meter.flush()
+                    with _closing_on_error(batches):
+                        meter.flush()
+            with _closing_on_error(batches):
+                meter.flush()
             batches.close()
 
             val_logits = predict_logits(
@@ -485,6 +501,15 @@ def fit(
                 config.model.num_frames,
             )
             val_loss, val_acc = loss_and_accuracy(val_logits, np.asarray(splits.val.labels))
+            if not np.isfinite(val_loss):
+                # Finite weights can still overflow the forward pass: keep them out of every
+                # checkpoint and export.
+                ckpts.close()
+                raise TrainingDivergedError(
+                    f"training diverged: the validation loss after epoch {epoch + 1} is not "
+                    f"finite ({val_loss}); nothing from this epoch was saved or exported. "
+                    + DIVERGENCE_REMEDIES
+                )
             sums = progress["sums"]
             n = max(sums["steps"], 1)
             record = {
@@ -498,10 +523,11 @@ def fit(
                 "learning_rate": float(jax.device_get(metrics["learning_rate"])),
                 "images_per_sec": sums["steps"] * tc.batch_size / max(sums["seconds"], 1e-9),
                 "epoch_seconds": sums["seconds"],
+                "skipped_steps": sums.get("skipped", 0),
             }
             progress["epoch"] = epoch + 1
             progress["step_in_epoch"] = 0
-            progress["sums"] = {"loss": 0.0, "accuracy": 0.0, "steps": 0, "seconds": 0.0}
+            progress["sums"] = _new_sums()
             improved = val_acc > progress["best_val_accuracy"]
             if improved:
                 progress["best_val_accuracy"] = val_acc
@@ -541,11 +567,63 @@ def fit(
     return result(False)
 
 
+def _new_sums() -> dict[str, float]:
+    return {"loss": 0.0, "accuracy": 0.0, "steps": 0, "seconds": 0.0, "skipped": 0}
+
+
+@contextlib.contextmanager
+def _closing_on_error(resource):
+    """Closes ``resource`` (a prefetcher, the checkpoint manager) if the block raises."""
+    try:
+        yield resource
+    except BaseException:
+        resource.close()
+        raise
+
+
+DIVERGENCE_REMEDIES = (
+    "Usual causes: a learning rate too high for this batch size (train.learning_rate, "
+    "train.finetune_learning_rate); reduced precision (try --set model.dtype=float32); a GPU "
+    "convolution kernel that returns non-finite gradients (try --set model.depthwise_impl=gemm, "
+    "see docs/BENCHMARKS.md). Fix the cause and run the same command again: it resumes from the "
+    "latest checkpoint (delete the work directory to start over). train.max_nonfinite_steps "
+    "sets how many non-finite steps in a row are tolerated."
+)
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient; training cannot go on."""
+
+
+class _NonFiniteGuard:
+    """Counts consecutive skipped (non-finite) steps; raises once there are ``limit`` of them."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.run: list[int] = []  # the steps of the current run of skipped steps
+
+    def step(self, step: int, skipped: bool, loss: float, grad_norm: float) -> None:
+        if not skipped:
+            self.run.clear()
+            return
+        self.run.append(step)
+        log.warning(
+            "step %d skipped: loss %s, gradient norm %s (not finite); weights unchanged",
+            step, loss, grad_norm,
+        )  # fmt: skip
+        if len(self.run) >= self.limit:
+            raise TrainingDivergedError(
+                f"training diverged: the loss or gradient was not finite in {len(self.run)} "
+                f"consecutive steps ({self.run[0]} to {self.run[-1]}); none of them updated the "
+                "weights, and nothing was saved after them. " + DIVERGENCE_REMEDIES
+            )
+
+
 class _Meter:
     """Running sums of the step metrics, read from the device only at log intervals."""
 
-    def __init__(self, sums: dict[str, float], bar, batch_size: int):
-        self.sums, self.bar, self.batch_size = sums, bar, batch_size
+    def __init__(self, sums: dict[str, float], bar, batch_size: int, guard: _NonFiniteGuard):
+        self.sums, self.bar, self.batch_size, self.guard = sums, bar, batch_size, guard
         self._pending: list[dict] = []
         self._tick = time.perf_counter()
 
@@ -557,16 +635,26 @@ class _Meter:
         self._pending.append(metrics)
 
     def flush(self) -> None:
-        """One host sync: adds every pending step (in order, so sums resume exactly)."""
+        """One host sync: adds every pending step (in order, so sums resume exactly).
+
+        Skipped steps count in ``sums["skipped"]`` and not in the loss and accuracy averages.
+        Raises TrainingDivergedError after too many consecutive skipped steps.
+        """
         s = self.sums
-        for m in jax.device_get(self._pending):
+        pending, self._pending = self._pending, []
+        for m in jax.device_get(pending):
+            skipped = bool(m["skipped"])
+            self.guard.step(int(m["step"]), skipped, float(m["loss"]), float(m["grad_norm"]))
+            if skipped:
+                s["skipped"] = s.get("skipped", 0) + 1
+                continue
             s["loss"] += float(m["loss"])
             s["accuracy"] += float(m["accuracy"])
             s["steps"] += 1
         now = time.perf_counter()
         s["seconds"] += now - self._tick
         self._tick = now
-        if self._pending and s["steps"]:
+        if pending and s["steps"]:
             n = s["steps"]
             self.bar.set_postfix(
                 loss=f"{s['loss'] / n:.4f}",
@@ -574,8 +662,7 @@ class _Meter:
                 img_s=f"{n * self.batch_size / max(s['seconds'], 1e-9):.0f}",
                 refresh=False,
             )
-            self.bar.update(len(self._pending))
-        self._pending.clear()
+        self.bar.update(len(pending))
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -654,16 +741,22 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _check_resumable_config(workdir: Path, config: Config) -> None:
-    """Refuses to resume a checkpoint of a different model (training settings may change)."""
+    """Refuses to resume a checkpoint of a different model (training settings may change).
+
+    The compute settings (``model.dtype``, ``model.depthwise_impl``) may change too: they leave
+    the variables as they are, and switching them is the remedy for some numerical failures.
+    """
     path = workdir / CONFIG_FILE
     if not path.exists() or not (workdir / TRAIN_CHECKPOINTS_DIR).exists():
         return
     old = Config.from_json(path.read_text(encoding="utf-8"))
-    if old.model != config.model:
+    compute = {"dtype": config.model.dtype, "depthwise_impl": config.model.depthwise_impl}
+    if dataclasses.replace(old.model, **compute) != config.model:
         diff = {
             k: (v, getattr(config.model, k))
             for k, v in dataclasses.asdict(old.model).items()
-            if getattr(config.model, k) != (tuple(v) if isinstance(v, list) else v)
+            if k not in compute
+            and getattr(config.model, k) != (tuple(v) if isinstance(v, list) else v)
         }
         raise ValueError(
             f"{workdir} holds a run of another model ({diff} as (saved, requested)); "

@@ -149,3 +149,66 @@ def test_early_stopping_and_model_mismatch(splits, tmp_path):
 def test_too_few_images_for_a_batch():
     with pytest.raises(ValueError, match="fewer than one batch of 64"):
         train.steps_per_epoch(10, 64)
+
+
+# --- non-finite steps: skipped, counted, and a clear stop ---------------------------------------
+
+
+def test_a_non_finite_step_changes_nothing_but_the_step(splits):
+    images, labels = splits.train.get_batch(np.arange(8))
+    batch = {"image": images[:, None], "label": labels}
+    step = train.make_train_step(CONFIG, 4)
+    state = train.create_train_state(CONFIG, 4)
+    for _ in range(2):
+        state, metrics = step(state, batch, jax.random.key(0))
+    assert not bool(metrics["skipped"]) and int(metrics["step"]) == 1
+    assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["grad_norm"]) > 0
+
+    # One NaN weight makes the loss and every gradient NaN: the step must leave all as it was.
+    params = jax.tree.map(np.array, jax.device_get(state.params))  # writable copies
+    params["logits"]["bias"][0] = np.nan
+    state = state.replace(params=params)
+    before = jax.device_get((state.params, state.opt_state, state.batch_stats))
+    state, metrics = step(state, batch, jax.random.key(0))
+    assert bool(metrics["skipped"]) and not np.isfinite(float(metrics["loss"]))
+    after = jax.device_get((state.params, state.opt_state, state.batch_stats))
+    jax.tree.map(np.testing.assert_array_equal, after, before)  # NaN == NaN here
+    assert int(state.step) == 3
+
+
+def test_a_diverging_run_stops_with_an_error_and_no_bad_checkpoint(splits, tmp_path):
+    # A learning rate of 1e30: the first real update overflows the weights (finite, but every
+    # later loss is NaN). The run must stop after max_nonfinite_steps skipped steps in a row,
+    # and an epoch that ends with a NaN validation loss must not be saved or exported.
+    cfg = override(
+        CONFIG,
+        {"train.learning_rate": 1e30, "train.max_nonfinite_steps": 3, "train.log_every_steps": 1},
+    )
+    with pytest.raises(train.TrainingDivergedError, match="validation loss after epoch 1 is not"):
+        train.fit(cfg, tmp_path / "w", splits=splits, progress_bar=False)
+    cfg = override(cfg, {"train.max_nonfinite_steps": 2})
+    with pytest.raises(train.TrainingDivergedError, match="not finite in 2 consecutive steps"):
+        train.fit(cfg, tmp_path / "w", splits=splits, progress_bar=False)
+    assert not (tmp_path / "w" / "model").exists()  # nothing exported
+    assert not (tmp_path / "w" / "metrics.jsonl").exists()  # no epoch recorded
+
+    # The remedy the message gives: fix the setting and run again in the same work directory.
+    fixed = override(CONFIG, {"train.epochs": 1})
+    result = train.fit(fixed, tmp_path / "w", splits=splits, progress_bar=False)
+    assert result.finished and result.history[0]["skipped_steps"] == 0
+    assert np.isfinite(result.history[0]["train_loss"])
+
+
+def test_har_train_reports_divergence_and_exits_1(tmp_path, capsys):
+    from har_flax.cli.train import main
+
+    data = write_synthetic_kaggle(tmp_path / "data", train_per_class=14, test_count=3, seed=5)
+    argv = ["--data-dir", str(data), "--workdir", str(tmp_path / "w"), "--config", "tiny",
+            "--no-progress", "--set", "train.batch_size=8", "--set", "train.epochs=1",
+            "--set", "train.learning_rate=1e30", "--set", "train.max_nonfinite_steps=2",
+            "--set", "train.log_every_steps=1", "--set", "train.head_only_epochs=0"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "har-train: error: training diverged" in err
+    assert "model.dtype=float32" in err and "train.learning_rate" in err
+    assert "Traceback" not in err

@@ -74,7 +74,8 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Trains; returns 0 (finished or stopped to resume later), 1 (bad data/config), 2 (usage)."""
+    """Trains; returns 0 (finished or stopped to resume later), 1 (bad data/config, or the
+    loss diverged), 2 (usage)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.data_dir.is_dir():
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             max_steps=args.max_steps,
             progress_bar=not args.no_progress,
         )
-    except (DataError, ValueError, OSError) as e:
+    except (DataError, ValueError, OSError, train.TrainingDivergedError) as e:
         print(f"har-train: error: {e}", file=sys.stderr)
         return 1
     if result.interrupted:
