@@ -174,7 +174,7 @@ def markdown(results: dict, batches: list[int]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--impls", default="auto", help="Flax conv implementations: auto,conv,shift"
+        "--impls", default="auto", help="Flax conv implementations: auto,conv,gemm,shift"
     )
     parser.add_argument("--batches", default="1,8,32", help="batch sizes for throughput")
     parser.add_argument("--iters", type=int, default=100, help="single-image calls per repeat")
@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",") if b]
     impls = [i for i in args.impls.split(",") if i]
     for impl in impls:
-        if impl not in ("auto", "conv", "shift"):
-            parser.error(f"--impls: unknown implementation {impl!r}; use auto, conv or shift")
+        if impl not in ("auto", "conv", "gemm", "shift"):
+            parser.error(f"--impls: unknown implementation {impl!r}; use auto, conv, gemm or shift")
     if any(b < 1 for b in batches) or args.iters < 1 or args.repeats < 1:
         parser.error("--batches, --iters and --repeats must be positive")
 

@@ -313,14 +313,15 @@ def test_train_differs_from_eval_only_through_batchnorm_and_dropout(frames, vari
     assert np.abs(np.asarray(dropped) - train_logits).max() > 0.05
 
 
-# --- the CPU formulation ("shift") == the fused XLA convolutions ("conv") ------------------------
+# --- the CPU form ("shift") and "gemm" == the fused XLA convolutions ("conv") ---------------------
 
 
 def test_resolve_depthwise_impl():
-    assert resolve_depthwise_impl("auto") == ("shift" if jax.default_backend() == "cpu" else "conv")
-    assert resolve_depthwise_impl("conv") == "conv"
-    assert resolve_depthwise_impl("shift") == "shift"
-    with pytest.raises(ValueError, match="'auto', 'conv' or 'shift'"):
+    expected = {"cpu": "shift", "gpu": "gemm"}.get(jax.default_backend(), "conv")
+    assert resolve_depthwise_impl("auto") == expected
+    for impl in ("conv", "gemm", "shift"):
+        assert resolve_depthwise_impl(impl) == impl
+    with pytest.raises(ValueError, match="'auto', 'conv', 'gemm' or 'shift'"):
         resolve_depthwise_impl("fast")
 
 
@@ -341,6 +342,7 @@ def test_depthwise_shift_equals_grouped_conv(stride, hw):
     shift = depthwise_conv3x3(x, kernel, stride, pad, "shift")
     assert shift.shape == conv.shape == (2, -(-hw[0] // stride), -(-hw[1] // stride), 24)
     assert_close(shift, conv)
+    assert_close(depthwise_conv3x3(x, kernel, stride, pad, "gemm"), conv)
     # The module (which derives the padding itself) agrees too.
     params = {"params": {"kernel": kernel}}
     mods = [DepthwiseConv3x3(stride=stride, impl=i) for i in ("conv", "shift")]
@@ -365,40 +367,74 @@ def test_conv_shift_equals_xla_conv(kernel_size, stride, c_in, hw):
     pad = ((0, 0), (0, 0)) if kernel_size == 1 else _padding(*hw, stride)
     conv = conv2d(x, kernel, stride, pad, "conv")
     assert_close(conv2d(x, kernel, stride, pad, "shift"), conv)
+    assert_close(conv2d(x, kernel, stride, pad, "gemm"), conv)
     # The module keeps nn.Conv's variables and, for the stem, Keras' padding (== SAME here).
     ref = nn.Conv(16, (kernel_size,) * 2, strides=stride, padding="SAME", use_bias=False)
     params = {"params": {"kernel": kernel}}
-    for impl in ("conv", "shift"):
+    for impl in ("conv", "gemm", "shift"):
         out = Conv(16, kernel_size=kernel_size, stride=stride, impl=impl).apply(params, x)
         assert_close(out, ref.apply(params, x))
 
 
-def test_mobilenet_v2_equal_under_both_impls():
+@pytest.mark.parametrize("impl", ["gemm", "shift"])
+def test_mobilenet_v2_equal_under_each_impl(impl):
     # 33 is odd at every stride-2 layer (33, 17, 9, 5, 3): the asymmetric Keras padding at even
     # sizes is covered by the layer tests above and by the weight-port tests at 224.
     rng = np.random.default_rng(33)
     x = jnp.asarray(rng.uniform(-1, 1, (4, 33, 33, 3)), jnp.float32)
-    conv, shift = (
-        MobileNetV2(width=CFG.width, include_top=True, depthwise_impl=i) for i in ("conv", "shift")
+    conv, other = (
+        MobileNetV2(width=CFG.width, include_top=True, depthwise_impl=i) for i in ("conv", impl)
     )
     v = random_variables(conv, x, seed=3)
     for train in (False, True):
-        (a, sa), (b, sb) = (backbone_forward(m, v, x, train) for m in (conv, shift))
+        (a, sa), (b, sb) = (backbone_forward(m, v, x, train) for m in (conv, other))
         assert_close(b, a, rtol=1e-4, atol_rel=1e-4)
         jax.tree.map(lambda p, q: assert_close(p, q, rtol=1e-4, atol_rel=1e-4), sb, sa)
 
 
+@pytest.mark.parametrize("impl", ["gemm", "shift"])
+def test_mobilenet_v2_gradients_equal_under_each_impl(impl):
+    """Training differentiates every form: the weight gradients must agree, layer by layer."""
+    rng = np.random.default_rng(34)
+    x = jnp.asarray(rng.uniform(-1, 1, (4, 33, 33, 3)), jnp.float32)
+    conv, other = (
+        MobileNetV2(width=CFG.width, include_top=True, depthwise_impl=i) for i in ("conv", impl)
+    )
+    v = random_variables(conv, x, seed=4)
+
+    def grads(model):
+        def loss(params):
+            logits, _ = model.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
+            return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+
+        return jax.jit(jax.grad(loss))(v["params"])
+
+    ref, got = grads(conv), grads(other)
+    assert len(jax.tree.leaves(ref)) == len(jax.tree.leaves(got)) > 100
+    # Per leaf, relative to its norm; leaves that are zero in exact arithmetic (a BatchNorm
+    # right after them cancels them) hold only rounding noise, hence the floor from the largest.
+    floor = 1e-5 * max(float(np.linalg.norm(r)) for r in jax.tree.leaves(ref))
+    for (path, g), r in zip(
+        jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref), strict=True
+    ):
+        err = float(np.linalg.norm(np.asarray(g) - np.asarray(r)))
+        assert err <= 1e-4 * float(np.linalg.norm(r)) + floor, (jax.tree_util.keystr(path), err)
+
+
 def test_each_impl_lowers_to_what_it_claims():
-    """ "conv" (the GPU/TPU path) is all XLA convolutions; "shift" (the CPU path) has none."""
+    """ "conv" is all XLA convolutions, "gemm" only the 3x3 ones, "shift" (the CPU path) none."""
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     texts = {}
-    for impl in ("conv", "shift"):
+    for impl in ("conv", "gemm", "shift"):
         model = MobileNetV2(width=CFG.width, depthwise_impl=impl)
         v = jax.eval_shape(model.init, jax.random.key(0), x)
         texts[impl] = jax.jit(model.apply).lower(v, x).as_text()
     # 1 stem + 16 expand + 17 depthwise + 17 project + 1 head convolutions; 17 of them grouped.
     assert texts["conv"].count("stablehlo.convolution") == 52
     assert texts["conv"].count("feature_group_count = 1 :") == 35
+    # "gemm": the stem and the 17 depthwise layers stay convolutions; 34 1x1 layers are dots.
+    assert texts["gemm"].count("stablehlo.convolution") == 18
+    assert texts["gemm"].count("stablehlo.dot_general") >= 34
     assert "stablehlo.convolution" not in texts["shift"]
 
 

@@ -72,25 +72,32 @@ def keras_stride2_padding(size: int, kernel: int = 3) -> tuple[int, int]:
 
 
 def resolve_depthwise_impl(impl: str) -> str:
-    """'auto' picks the CPU formulation ("shift") on the CPU, the fused convolutions elsewhere.
+    """'auto' picks "shift" on the CPU, "gemm" on a GPU and "conv" elsewhere (TPU).
 
     "conv" runs every convolution as an XLA convolution: the fused cuDNN/TPU path. "shift" is
     what XLA:CPU runs fast: 3x3 depthwise layers as nine shifted multiply-adds (XLA's CPU grouped
     convolution is ~40x slower on MobileNetV2's depthwise layers), 1x1 convolutions as matrix
     products on (B*H*W, C), and convolutions with few input channels (the RGB stem, block 1's
-    expansion) as broadcast multiply-adds; see :func:`conv2d`. The variables are the same, and
-    so are the numbers up to float rounding (tests/test_models.py proves both).
+    expansion) as broadcast multiply-adds; see :func:`conv2d`. "gemm" keeps the 3x3 layers as
+    XLA convolutions and runs the 1x1 layers as matrix products (cuBLAS rather than cuDNN on a
+    GPU). The variables are the same, and so are the numbers up to float rounding
+    (tests/test_models.py proves all three).
+
+    Why "gemm" on a GPU: on an H200 (jax 0.11.2, bfloat16, batch 256) the cuDNN weight gradient
+    of block 0's 1x1 projection, run as a convolution, came out non-finite in the very first
+    step while every other gradient was finite (docs/BENCHMARKS.md). As a matrix product that
+    gradient is a cuBLAS GEMM instead.
 
     Args:
-      impl: "auto", "conv" or "shift".
+      impl: "auto", "conv", "gemm" or "shift".
 
     Returns:
-      "conv" or "shift".
+      "conv", "gemm" or "shift".
     """
     if impl == "auto":
-        return "shift" if jax.default_backend() == "cpu" else "conv"
-    if impl not in ("conv", "shift"):
-        raise ValueError(f"depthwise_impl must be 'auto', 'conv' or 'shift', got {impl!r}")
+        return {"cpu": "shift", "gpu": "gemm"}.get(jax.default_backend(), "conv")
+    if impl not in ("conv", "gemm", "shift"):
+        raise ValueError(f"depthwise_impl must be 'auto', 'conv', 'gemm' or 'shift', got {impl!r}")
     return impl
 
 
@@ -140,12 +147,12 @@ def depthwise_conv3x3(
       kernel: (3, 3, 1, C), Flax's HWIO layout for ``feature_group_count=C``.
       stride: 1 or 2.
       padding: ((top, bottom), (left, right)) zero padding.
-      impl: "conv" or "shift" (already resolved).
+      impl: "conv", "gemm" or "shift" (already resolved); "gemm" is the convolution here.
 
     Returns:
       (B, H', W', C).
     """
-    if impl == "conv":
+    if impl in ("conv", "gemm"):
         return jax.lax.conv_general_dilated(
             x,
             kernel,
@@ -174,14 +181,15 @@ def conv2d(
     16-channel expansion of block 1) is a sum of kh*kw*C_in broadcast multiply-adds, which XLA
     fuses with the following BatchNorm and ReLU6 into one loop; XLA:CPU's convolution, and its
     matrix product at such a small contraction, are several times slower. Other 1x1 kernels are
-    a matrix product on (B*H*W, C_in). Anything else falls back to the XLA convolution.
+    a matrix product on (B*H*W, C_in). "gemm" uses that matrix product for every 1x1 kernel.
+    Anything else falls back to the XLA convolution.
 
     Args:
       x: (B, H, W, C_in) input.
       kernel: (kh, kw, C_in, C_out).
       stride: the same in both spatial axes.
       padding: ((top, bottom), (left, right)) zero padding.
-      impl: "conv" or "shift" (already resolved).
+      impl: "conv", "gemm" or "shift" (already resolved).
 
     Returns:
       (B, H', W', C_out).
@@ -195,11 +203,11 @@ def conv2d(
                     term = tap[..., c : c + 1] * kernel[i, j, c]  # (B, H', W', 1) * (C_out,)
                     out = term if out is None else out + term
         return out
-    if impl == "shift" and (kh, kw, stride) == (1, 1, 1) and padding == ((0, 0), (0, 0)):
+    if impl in ("gemm", "shift") and (kh, kw, stride) == (1, 1, 1) and padding == ((0, 0), (0, 0)):
         b, h, w, _ = x.shape
         y = jnp.dot(x.reshape(b * h * w, c_in), kernel.reshape(c_in, c_out))  # (B*H*W, C_out)
         return y.reshape(b, h, w, c_out)
-    if impl not in ("conv", "shift"):
+    if impl not in ("conv", "gemm", "shift"):
         raise ValueError(f"unknown conv impl {impl!r}")
     return jax.lax.conv_general_dilated(
         x,
