@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="default", help="preset name (default, tiny)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch size")
-    parser.add_argument("--steps", type=int, default=50, help="timed train steps")
+    parser.add_argument("--steps", type=int, default=50, help="timed train steps per repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="the median repeat is reported")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation)")
     parser.add_argument("--epoch-images", type=int, default=12600, help="images in one epoch")
     parser.add_argument("--data-dir", type=Path, default=None, help="use this data's train split")
@@ -87,17 +89,23 @@ def main(argv: list[str] | None = None) -> int:
         {"image": train._add_time_axis(images, config.model.num_frames), "label": labels}, mesh, bs
     )
 
+    skipped = 0  # steps with a non-finite loss or gradient (the step skips their update)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         state, metrics = step(state, batch, key)
+        skipped = skipped + metrics["skipped"]
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        state, metrics = step(state, batch, key)
-    jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - t0) / args.steps
+    step_times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = step(state, batch, key)
+            skipped = skipped + metrics["skipped"]
+        jax.block_until_ready(metrics)
+        step_times.append((time.perf_counter() - t0) / args.steps)
+    step_s = statistics.median(step_times)
 
     # One epoch through the real input path: gather, shard, prefetch, step.
     order = train.epoch_permutation(len(source), 0, 0)
@@ -106,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for host_batch in batches:
         state, metrics = step(state, sharding.shard_batch(host_batch, mesh, bs), key)
+        skipped = skipped + metrics["skipped"]
     jax.block_until_ready(metrics)
     epoch_s = time.perf_counter() - t0
     batches.close()
@@ -113,18 +122,26 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "device": str(jax.devices()[0].device_kind),
         "devices": jax.device_count(),
+        "jax": jax.__version__,
         "config": config.name,
         "image_size": size,
         "dtype": config.model.dtype,
         "batch_size": bs,
+        "depthwise_impl": config.model.depthwise_impl,
+        "backbone_batchnorm_frozen": config.model.backbone_batchnorm_frozen,
+        "augment": config.train.augment,
         "frozen_backbone": args.frozen,
         "warmup_seconds": round(compile_s, 2),
+        "step_ms_each_repeat": [round(t * 1e3, 3) for t in step_times],
         "step_ms": round(step_s * 1e3, 3),
         "train_step_images_per_sec": round(bs / step_s, 1),
         "epoch_images": spe * bs,
         "epoch_seconds": round(epoch_s, 3),
         "epoch_images_per_sec": round(spe * bs / epoch_s, 1),
         "final_loss": float(metrics["loss"]),
+        "final_grad_norm": float(metrics["grad_norm"]),
+        # Non-zero means the numbers are not a valid training run (see docs/BENCHMARKS.md).
+        "nonfinite_steps": int(skipped),
     }
     print(json.dumps(result, indent=2))
     return 0

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Every GPU benchmark of docs/BENCHMARKS.md in one run, for a short lease on a lent GPU.
+#
+#   scripts/bench_gpu.sh [OUT_DIR]        (OUT_DIR defaults to $OUT, else ./bench-gpu-out)
+#   SECTIONS="grad_probe train_default" scripts/bench_gpu.sh    (only these sections)
+#
+# Runs from the repository root with the machine's own JAX/Flax/optax/orbax and PyTorch
+# (har_flax is used from the source tree; nothing is installed). Each benchmark is a separate
+# process with its own time limit, so one failure or timeout does not lose the others; each
+# writes its JSON/log to OUT_DIR, and a summary table is printed last. All sections take about
+# 9.5 minutes on an H200, most of it compiling (about 90 s per train-step variant): more than
+# one 10-minute device call, so a lease runs them as two calls with SECTIONS.
+#
+# The inference benchmark ports the bundled TFLite weights, which needs the pure-Python `tflite`
+# package. If the machine lacks it, put its wheel in .whl/ first (ignored by git), here:
+#   pip download --no-deps -d .whl tflite==2.18.0
+# and the script installs it from there.
+set -u
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-bench-gpu-out}}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py="${PYTHON:-python3}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --target /tmp/har-site .whl/*.whl &&
+    export PYTHONPATH="$PYTHONPATH:/tmp/har-site"
+fi
+t_start=$(date +%s)
+
+section() {  # section NAME LIMIT_S COMMAND...: runs COMMAND, its output to OUT_DIR/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  case " ${SECTIONS:-$name} " in *" $name "*) ;; *) return ;; esac
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | grep -v "Delay kernel timed out" >"$out/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: rc=$rc in $(($(date +%s) - t0)) s (total $(($(date +%s) - t_start)) s)"
+  [ "$rc" -eq 0 ] || tail -n 25 "$out/$name.log"
+}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  "$py" -c 'import jax, flax, optax, orbax.checkpoint as o, numpy; print("jax", jax.__version__, jax.devices(), "flax", flax.__version__, "optax", optax.__version__, "numpy", numpy.__version__)'
+  "$py" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
+  nproc
+} >"$out/env.log" 2>&1
+cat "$out/env.log"
+
+# 0. The gradient that came out non-finite on an H200 on 2026-11-26 (docs/BENCHMARKS.md): block
+#    0's 1x1 projection, bf16, batch 256, as a cuDNN convolution ("conv") and as a GEMM ("gemm").
+section grad_probe 60 "$py" - <<'EOF'
+import jax, jax.numpy as jnp
+from har_flax.models.mobilenet_v2 import conv2d
+k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+x = jax.random.uniform(k1, (256, 112, 112, 32), minval=0, maxval=6).astype(jnp.bfloat16)
+dy = (jax.random.normal(k2, (256, 112, 112, 16)) * 1e-3).astype(jnp.bfloat16)
+w = (jax.random.normal(k3, (1, 1, 32, 16)) * 0.2).astype(jnp.bfloat16)
+ref = jnp.einsum("bhwc,bhwo->co", x.astype(jnp.float32), dy.astype(jnp.float32),
+                 precision="highest")
+for impl in ("conv", "gemm"):
+    f = jax.jit(lambda w, impl=impl: jax.vjp(
+        lambda w: conv2d(x, w, 1, ((0, 0), (0, 0)), impl), w)[1](dy)[0])
+    dw = f(w)[0, 0].astype(jnp.float32)
+    err = float(jnp.linalg.norm(dw - ref) / jnp.linalg.norm(ref))
+    print(f"{impl}: non-finite {int(jnp.sum(~jnp.isfinite(dw)))}/{dw.size}, rel. error {err:.2e}")
+EOF
+[ -f "$out/grad_probe.log" ] && cat "$out/grad_probe.log"
+
+bt="scripts/bench_train.py --config default --batch-size 256 --set model.dtype=bfloat16"
+# 1. The issue's figure: the full CNN-LSTM train step (augmentation, BatchNorm in training mode,
+#    as when training from scratch; depthwise_impl auto = "gemm" on a GPU), and one epoch of
+#    12,600 images through the input path. "nonfinite_steps" must be 0.
+section train_default 200 "$py" $bt
+# 2. The PyTorch reference in the same lease.
+section torch_eager 80 "$py" scripts/bench_torch_mobilenet.py --batch-size 256
+section torch_compile 140 "$py" scripts/bench_torch_mobilenet.py --batch-size 256 --compile
+# 3. All 1x1 layers as cuDNN convolutions (the GPU default before 2026-11-26).
+section train_conv 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
+  --set model.depthwise_impl=conv
+# 4. Fine-tuning the bundled ImageNet backbone keeps its BatchNorm frozen: that step's speed.
+section train_frozen_bn 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
+  --set model.freeze_backbone_batchnorm=true
+# 5. Inference: single-image latency and batched throughput of the built-in model.
+section predict 120 "$py" scripts/bench_predict.py --impls auto,conv --batches 1,32,256 \
+  --iters 50 --repeats 3 --seconds 1 --no-tflite
+
+echo "== summary"
+"$py" - "$out" <<'EOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+for log in sorted(out.glob("*.log")):
+    text = log.read_text()
+    start = 0 if text.startswith("{") else text.rfind("\n{")
+    try:
+        r = json.loads(text[start:])
+    except ValueError:
+        continue
+    keys = ["device", "depthwise_impl", "step_ms", "step_ms_each_repeat",
+            "train_step_images_per_sec", "epoch_seconds", "epoch_images_per_sec",
+            "warmup_seconds", "final_loss", "nonfinite_steps"]
+    print(log.stem, {k: r[k] for k in keys if k in r})
+EOF
+[ -f "$out/predict.log" ] && tail -n 8 "$out/predict.log"
+echo "== total $(($(date +%s) - t_start)) s"
