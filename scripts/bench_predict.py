@@ -1,10 +1,12 @@
 """Benchmarks the Flax forward pass of the default model next to the int8 TFLite interpreter.
 
     python scripts/bench_predict.py [--impls auto,conv] [--repeats 5] [--json OUT]
+    python scripts/bench_predict.py --variables arguments    # as before 2026-11-26 09:30 UTC
 
 Measures, in one run on this machine: the single-image forward p50/p90 of the built-in
 FrameClassifier (MobileNetV2 1.0/224 with the ImageNet weights ported from the bundled TFLite
-file, jitted, float32) and its batched throughput (batch 1, 8, 32); then the same for the
+file, jitted, float32; the variables compiled in or passed per call as the Predictor does on
+this backend) and its batched throughput (batch 1, 8, 32); then the same for the
 bundled int8 file in the ai-edge-litert interpreter (XNNPACK, 2 threads, batch 1 invocations).
 Repeats each measurement and reports the repeat with the lowest p50, with every repeat's p50
 and the load average, because other processes may share the CPU. Prints a Markdown table.
@@ -97,7 +99,13 @@ def bench_flax(impl: str, batches: list[int], args, image: np.ndarray) -> dict:
     ported = port_tflite()  # MobileNetV2(include_top, 1001) with the ImageNet weights
     variables = jax.device_put({k: {"backbone": v} for k, v in ported.items()})
     model = FrameClassifier(num_classes=1001, depthwise_impl=impl)
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    if args.embed:  # the Predictor's choice: the variables compiled in as constants
+        embedded = jax.jit(lambda x: model.apply(variables, x, train=False))
+
+        def forward(_variables, x):
+            return embedded(x)
+    else:
+        forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
     labels = imagenet_labels()
 
     single = jnp.asarray(image[None, None])  # (1, 1, H, W, 3) uint8
@@ -105,7 +113,8 @@ def bench_flax(impl: str, batches: list[int], args, image: np.ndarray) -> dict:
     logits = forward(variables, single).block_until_ready()
     compile_s = time.perf_counter() - start
     result = {
-        "impl": f"{impl} -> {resolve_depthwise_impl(impl)}",
+        "impl": f"{impl} -> {resolve_depthwise_impl(impl)}, variables "
+        + ("embedded" if args.embed else "as arguments"),
         "compile_s": round(compile_s, 2),
         "top1": labels[int(np.argmax(logits[0]))],
         "single": latency(
@@ -182,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="per throughput repeat")
     parser.add_argument("--tflite-threads", type=int, default=2)
     parser.add_argument("--no-tflite", action="store_true", help="skip the TFLite interpreter")
+    parser.add_argument(
+        "--variables",
+        choices=("auto", "embedded", "arguments"),
+        default="auto",
+        help="compile the variables in as constants, or pass them per call; auto = what the "
+        "Predictor does on this backend (embedded on a CPU)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -194,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
+    from har_flax.predictor import embeds_variables
+
+    args.embed = embeds_variables() if args.variables == "auto" else args.variables == "embedded"
     image = cat_image()
     load_before = os.getloadavg()
     results = {f"flax {impl}": bench_flax(impl, batches, args, image) for impl in impls}

@@ -246,6 +246,23 @@ def test_predict_is_a_sorted_distribution_equal_to_the_model(
     np.testing.assert_allclose([p for _, p in alone], [p for _, p in results[1]], atol=TOL)
 
 
+def test_variables_as_constants_or_arguments_give_the_same_answers(
+    action_predictor, action_model, photos
+):
+    # On a CPU the default compiles the variables in as constants; passing them as arguments
+    # (the accelerator default) must give the same probabilities.
+    assert action_predictor._embed == (jax.default_backend() == "cpu")
+    other = Predictor.load(
+        action_model[0], batch_sizes=(1,), embed_variables=not action_predictor._embed
+    )
+    samples = [action_predictor.prepare([photos[n]]) for n in ("chelsea", "coffee")]
+    for a, b in zip(
+        action_predictor.predict_samples(samples), other.predict_samples(samples), strict=True
+    ):
+        assert [c for c, _ in a] == [c for c, _ in b]
+        np.testing.assert_allclose([p for _, p in a], [p for _, p in b], atol=TOL)
+
+
 def test_batches_equal_one_by_one(action_predictor, photos, photo_arrays):
     # 7 samples with buckets (1, 4): split into 4 + 3 (padded to 4).
     images = [[photos[n]] for n in photos]
