@@ -503,8 +503,7 @@ def fit(
             val_loss, val_acc = loss_and_accuracy(val_logits, np.asarray(splits.val.labels))
             if not np.isfinite(val_loss):
                 # Finite weights can still overflow the forward pass: keep them out of every
-                # checkpoint and export.
-                ckpts.close()
+                # checkpoint and export (_closing_on_error closes the checkpoint manager).
                 raise TrainingDivergedError(
                     f"training diverged: the validation loss after epoch {epoch + 1} is not "
                     f"finite ({val_loss}); nothing from this epoch was saved or exported. "
