@@ -125,3 +125,18 @@ print("ok", len(s.train), len(s.val), len(s.test))
     # "TensorFlow is installed here": this proof needs the documented environment (no TF).
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ok 12 3 4" in out.stdout
+
+
+def test_no_progress_means_no_bars_and_restores_tfds_setting(data_dir, tmp_path, capfd):
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    before = tqdm_utils._active
+    splits = load_splits(data_dir, tmp_path / "quiet", image_size=24, data_config=DataConfig(),
+                         progress=False)  # fmt: skip
+    assert len(splits.train) > 0
+    err = capfd.readouterr().err
+    assert "Decoding" not in err and "examples" not in err and "%|" not in err
+    assert tqdm_utils._active == before
+    # The default shows them (the first build of another size, so it is not a cached no-op).
+    load_splits(data_dir, tmp_path / "loud", image_size=20, data_config=DataConfig())
+    assert "Decoding train images to 20px" in capfd.readouterr().err

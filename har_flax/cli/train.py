@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-progress",
         action="store_true",
-        help="no training progress bar (a first-time dataset build still shows its own)",
+        help="no progress bars (training, and a first-time dataset build)",
     )
     return parser
 
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             image_size=config.model.image_size,
             data_config=config.data,
             download_dir=args.download_dir,
+            progress=not args.no_progress,
         )
         result = train.fit(
             config,

@@ -116,6 +116,7 @@ def load_splits(
     image_size: int,
     data_config: DataConfig,
     download_dir: str | Path | None = None,
+    progress: bool = True,
 ) -> Splits:
     """Prepares (once) and opens the data of a run.
 
@@ -126,6 +127,7 @@ def load_splits(
       data_config: split fraction and seed, and ``skip_bad_images``.
       download_dir: the tfds data directory holding prepared copies (default
         ``workdir/tfds``); share one between runs to prepare each data set and size once.
+      progress: show progress bars while preparing the data.
 
     Returns:
       The splits.
@@ -140,7 +142,7 @@ def load_splits(
     tfds_dir = Path(download_dir) if download_dir is not None else workdir / "tfds"
     skip = data_config.skip_bad_images
     builder = har_builder.prepare(
-        data_dir, image_size=image_size, tfds_dir=tfds_dir, skip_bad_images=skip
+        data_dir, image_size=image_size, tfds_dir=tfds_dir, skip_bad_images=skip, progress=progress
     )
     meta = builder.info.metadata
     skipped = [Issue(**d) for d in meta["skipped"]]

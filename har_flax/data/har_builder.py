@@ -15,6 +15,7 @@ Records keep CSV row order (shuffling disabled, keys = CSV line numbers); the bu
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -118,17 +119,26 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
     train/Image_N.jpg and test/Image_N.jpg. Any data set in this layout works.
     """
 
-    def __init__(self, *, skip_bad_images: bool = False, workers: int | None = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        skip_bad_images: bool = False,
+        workers: int | None = None,
+        progress: bool = True,
+        **kwargs,
+    ):
         """See :class:`tfds.core.GeneratorBasedBuilder`.
 
         Args:
           skip_bad_images: skip (and list in ``info.metadata["skipped"]``) bad rows and images
             instead of failing on them.
           workers: decoding threads (default: one per CPU).
+          progress: show the decoding progress bar.
           **kwargs: ``data_dir``, ``config``, ... as for any tfds builder.
         """
         self._skip_bad_images = skip_bad_images
         self._workers = workers or os.cpu_count() or 1
+        self._progress = progress
         super().__init__(**kwargs)
 
     # tfds derives this from the package's resources, which for an editable install is a
@@ -189,7 +199,12 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
         csv_name = kaggle.TRAIN_CSV if split == "train" else kaggle.TEST_CSV
         stored: list[list] = []
         bad: list[kaggle.Issue] = []
-        bar = tqdm.tqdm(total=len(entries), desc=f"Decoding {split} images to {size}px", unit="img")
+        bar = tqdm.tqdm(
+            total=len(entries),
+            desc=f"Decoding {split} images to {size}px",
+            unit="img",
+            disable=not self._progress,
+        )
         with bar, concurrent.futures.ThreadPoolExecutor(self._workers) as pool:
             for start in range(0, len(entries), _CHUNK):
                 chunk = entries[start : start + _CHUNK]
@@ -224,6 +239,7 @@ def builder_for(
     tfds_dir: str | Path,
     skip_bad_images: bool = False,
     workers: int | None = None,
+    progress: bool = True,
 ) -> HarKaggle:
     """The builder of ``data_dir`` at ``image_size`` (prepared or not) cached under ``tfds_dir``."""
     config = HarKaggleConfig(
@@ -236,6 +252,7 @@ def builder_for(
         config=config,
         skip_bad_images=skip_bad_images,
         workers=workers,
+        progress=progress,
     )
 
 
@@ -246,6 +263,7 @@ def prepare(
     tfds_dir: str | Path,
     skip_bad_images: bool = False,
     workers: int | None = None,
+    progress: bool = True,
 ) -> HarKaggle:
     """Builds the arrays once (a no-op when this data at this size is already prepared).
 
@@ -255,6 +273,7 @@ def prepare(
       tfds_dir: where prepared copies are kept (a tfds ``data_dir``).
       skip_bad_images: skip and list bad rows/images instead of raising.
       workers: decoding threads.
+      progress: show progress bars while building (ours and tensorflow-datasets' own).
 
     Returns:
       The prepared builder; ``as_data_source(split)`` reads it by random access.
@@ -271,17 +290,32 @@ def prepare(
         tfds_dir=tfds_dir,
         skip_bad_images=skip_bad_images,
         workers=workers,
+        progress=progress,
     )
     if not builder.is_prepared():
         log.info("preparing %s at %dpx into %s", data_dir, image_size, builder.data_dir)
         try:
-            builder.download_and_prepare(
-                file_format="array_record",
-                download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir)),
-            )
+            with _tfds_progress_bars(progress):
+                builder.download_and_prepare(
+                    file_format="array_record",
+                    download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir)),
+                )
         except AssertionError as e:
             if "No examples were yielded" not in str(e):
                 raise
             # Every image of a split was skipped as unreadable.
             raise kaggle.DataError(f"{data_dir}: no readable image left in a split ({e})") from e
     return builder
+
+
+@contextlib.contextmanager
+def _tfds_progress_bars(enable: bool) -> Iterator[None]:
+    """tensorflow-datasets' own bars on or off for the block (their switch is process-wide)."""
+    from tensorflow_datasets.core.utils import tqdm_utils  # noqa: PLC0415
+
+    before = tqdm_utils._active  # noqa: SLF001 (tfds has a setter but no getter)
+    tfds.display_progress_bar(enable)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(before)
