@@ -8,8 +8,11 @@
 # (har_flax is used from the source tree; nothing is installed). Each benchmark is a separate
 # process with its own time limit, so one failure or timeout does not lose the others; each
 # writes its JSON/log to OUT_DIR, and a summary table is printed last. All sections take about
-# 9.5 minutes on an H200, most of it compiling (about 90 s per train-step variant): more than
-# one 10-minute device call, so a lease runs them as two calls with SECTIONS.
+# 11 minutes on an H200, most of it compiling (about 90 s per train-step variant): more than
+# one 10-minute device call, so a lease runs them as two back-to-back calls with SECTIONS
+# (the machine stays warm between them):
+#   SECTIONS="grad_probe train_default torch_eager torch_compile" scripts/bench_gpu.sh "$OUT"
+#   SECTIONS="train_conv train_frozen_bn train_no_augment predict" scripts/bench_gpu.sh "$OUT"
 #
 # The inference benchmark ports the bundled TFLite weights, which needs the pure-Python `tflite`
 # package. If the machine lacks it, put its wheel in .whl/ first (ignored by git), here:
@@ -81,7 +84,10 @@ section train_conv 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
 # 4. Fine-tuning the bundled ImageNet backbone keeps its BatchNorm frozen: that step's speed.
 section train_frozen_bn 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
   --set model.freeze_backbone_batchnorm=true
-# 5. Inference: single-image latency and batched throughput of the built-in model.
+# 5. What the on-device augmentation costs.
+section train_no_augment 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
+  --set train.augment=false
+# 6. Inference: single-image latency and batched throughput of the built-in model.
 section predict 120 "$py" scripts/bench_predict.py --impls auto,conv --batches 1,32,256 \
   --iters 50 --repeats 3 --seconds 1 --no-tflite
 
