@@ -376,16 +376,23 @@ def test_conv_shift_equals_xla_conv(kernel_size, stride, c_in, hw):
         assert_close(out, ref.apply(params, x))
 
 
-@pytest.mark.parametrize("impl", ["gemm", "shift"])
-def test_mobilenet_v2_equal_under_each_impl(impl):
-    # 33 is odd at every stride-2 layer (33, 17, 9, 5, 3): the asymmetric Keras padding at even
-    # sizes is covered by the layer tests above and by the weight-port tests at 224.
-    rng = np.random.default_rng(33)
+def _conv_and(impl: str, seed: int):
+    """Input, the "conv" network, the same network in form ``impl``, shared random variables.
+
+    33 is odd at every stride-2 layer (33, 17, 9, 5, 3): the asymmetric Keras padding at even
+    sizes is covered by the layer tests above and by the weight-port tests at 224.
+    """
+    rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.uniform(-1, 1, (4, 33, 33, 3)), jnp.float32)
     conv, other = (
         MobileNetV2(width=CFG.width, include_top=True, depthwise_impl=i) for i in ("conv", impl)
     )
-    v = random_variables(conv, x, seed=3)
+    return x, conv, other, random_variables(conv, x, seed=seed)
+
+
+@pytest.mark.parametrize("impl", ["gemm", "shift"])
+def test_mobilenet_v2_equal_under_each_impl(impl):
+    x, conv, other, v = _conv_and(impl, seed=3)
     for train in (False, True):
         (a, sa), (b, sb) = (backbone_forward(m, v, x, train) for m in (conv, other))
         assert_close(b, a, rtol=1e-4, atol_rel=1e-4)
@@ -395,12 +402,7 @@ def test_mobilenet_v2_equal_under_each_impl(impl):
 @pytest.mark.parametrize("impl", ["gemm", "shift"])
 def test_mobilenet_v2_gradients_equal_under_each_impl(impl):
     """Training differentiates every form: the weight gradients must agree, layer by layer."""
-    rng = np.random.default_rng(34)
-    x = jnp.asarray(rng.uniform(-1, 1, (4, 33, 33, 3)), jnp.float32)
-    conv, other = (
-        MobileNetV2(width=CFG.width, include_top=True, depthwise_impl=i) for i in ("conv", impl)
-    )
-    v = random_variables(conv, x, seed=4)
+    x, conv, other, v = _conv_and(impl, seed=4)
 
     def grads(model):
         def loss(params):
