@@ -213,6 +213,31 @@ def embeds_variables() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def compile_forward(
+    model: Any, variables: Any, rows: jax.ShapeDtypeStruct | jax.Array, *, embed: bool
+) -> Any:
+    """The inference forward, compiled ahead of time for exactly ``rows``' shape and dtype.
+
+    Args:
+      model: a Flax module taking ``(variables, rows, train=False)``.
+      variables: its variables, already on the device.
+      rows: the input's shape and dtype (an array or a ShapeDtypeStruct).
+      embed: compile the variables in as constants (see :func:`embeds_variables`) instead of
+        passing them on every call.
+
+    Returns:
+      ``f(rows) -> logits``; a stray shape is an error, never a silent recompile.
+    """
+
+    def forward(v, r):
+        return model.apply(v, r, train=False)
+
+    if embed:
+        return jax.jit(lambda r: forward(variables, r)).lower(rows).compile()
+    exe = jax.jit(forward).lower(variables, rows).compile()
+    return lambda r: exe(variables, r)
+
+
 class Predictor:
     """A loaded, compiled model. Build it with :meth:`Predictor.load`.
 
@@ -324,20 +349,10 @@ class Predictor:
         with self._compile_lock:
             if bucket not in self._compiled:
                 start = time.perf_counter()
-                model = self._model
-
-                def forward(variables, rows):
-                    return model.apply(variables, rows, train=False)  # (B, K) float32 logits
-
                 rows = jax.ShapeDtypeStruct((bucket, *self._row_shape), jnp.uint8)
-                # Ahead-of-time: the executable only accepts this exact shape, so a stray shape
-                # is an error, never a silent recompile.
-                if self._embed:
-                    variables = self._variables
-                    exe = jax.jit(lambda r: forward(variables, r)).lower(rows).compile()
-                    self._compiled[bucket] = lambda _variables, r, exe=exe: exe(r)
-                else:
-                    self._compiled[bucket] = jax.jit(forward).lower(self._variables, rows).compile()
+                self._compiled[bucket] = compile_forward(
+                    self._model, self._variables, rows, embed=self._embed
+                )  # (B, K) float32 logits
                 log.info("compiled bucket %d in %.1fs", bucket, time.perf_counter() - start)
             return self._compiled[bucket]
 
@@ -345,7 +360,7 @@ class Predictor:
         """Compiles and runs every bucket once, so no request pays for it."""
         for bucket in self.batch_sizes:
             rows = np.zeros((bucket, *self._row_shape), np.uint8)
-            jax.block_until_ready(self._executable(bucket)(self._variables, rows))
+            jax.block_until_ready(self._executable(bucket)(rows))
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.batch_sizes if b >= n)
@@ -361,7 +376,7 @@ class Predictor:
             bucket = self._bucket(n)
             if bucket > n:  # pad with black rows; eval-mode BatchNorm keeps rows independent
                 chunk = np.concatenate([chunk, np.zeros((bucket - n, *self._row_shape), np.uint8)])
-            outputs.append((self._executable(bucket)(self._variables, chunk), n))
+            outputs.append((self._executable(bucket)(chunk), n))
         return np.concatenate([np.asarray(out)[:n] for out, n in outputs])  # (N, K)
 
     # -- the public API -------------------------------------------------------------------------

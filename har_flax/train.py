@@ -472,23 +472,22 @@ def fit(
             )
             meter = _Meter(progress["sums"], bar, tc.batch_size, guard)
 
-            for i in range(first, spe):
-                if (max_steps is not None and global_step >= max_steps) or stop_requested():
-                    meter.flush()
-                    batches.close()
-                    progress["step_in_epoch"] = i
-                    save("latest")
-                    ckpts.close()
-                    log.info("stopped at step %d; run again to resume", global_step)
-                    return result(True)
-                batch = sharding.shard_batch(next(batches), mesh, tc.batch_size)
-                state, metrics = steps[frozen](state, batch, root_key)
-                meter.add(metrics)
-                global_step += 1
-                if meter.pending >= tc.log_every_steps:
-                    with _closing_on_error(batches):
+            with _closing_on_error(batches):  # e.g. TrainingDivergedError from a flush
+                for i in range(first, spe):
+                    if (max_steps is not None and global_step >= max_steps) or stop_requested():
                         meter.flush()
-            with _closing_on_error(batches):
+                        batches.close()
+                        progress["step_in_epoch"] = i
+                        save("latest")
+                        ckpts.close()
+                        log.info("stopped at step %d; run again to resume", global_step)
+                        return result(True)
+                    batch = sharding.shard_batch(next(batches), mesh, tc.batch_size)
+                    state, metrics = steps[frozen](state, batch, root_key)
+                    meter.add(metrics)
+                    global_step += 1
+                    if meter.pending >= tc.log_every_steps:
+                        meter.flush()
                 meter.flush()
             batches.close()
 

@@ -93,41 +93,38 @@ def bench_flax(impl: str, batches: list[int], args, image: np.ndarray) -> dict:
 
     from har_flax.models import FrameClassifier
     from har_flax.models.mobilenet_v2 import resolve_depthwise_impl
+    from har_flax.predictor import compile_forward
     from har_flax.weights import imagenet_labels
     from har_flax.weights.tflite import port_tflite
 
     ported = port_tflite()  # MobileNetV2(include_top, 1001) with the ImageNet weights
     variables = jax.device_put({k: {"backbone": v} for k, v in ported.items()})
     model = FrameClassifier(num_classes=1001, depthwise_impl=impl)
-    if args.embed:  # the Predictor's choice: the variables compiled in as constants
-        embedded = jax.jit(lambda x: model.apply(variables, x, train=False))
-
-        def forward(_variables, x):
-            return embedded(x)
-    else:
-        forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
     labels = imagenet_labels()
+
+    def compiled(x):  # what the Predictor compiles for one bucket
+        return compile_forward(model, variables, x, embed=args.embed)
 
     single = jnp.asarray(image[None, None])  # (1, 1, H, W, 3) uint8
     start = time.perf_counter()
-    logits = forward(variables, single).block_until_ready()
+    forward = compiled(single)
+    logits = forward(single).block_until_ready()
     compile_s = time.perf_counter() - start
     result = {
         "impl": f"{impl} -> {resolve_depthwise_impl(impl)}, variables "
         + ("embedded" if args.embed else "as arguments"),
         "compile_s": round(compile_s, 2),
         "top1": labels[int(np.argmax(logits[0]))],
-        "single": latency(
-            lambda: forward(variables, single).block_until_ready(), args.iters, args.repeats
-        ),
+        "single": latency(lambda: forward(single).block_until_ready(), args.iters, args.repeats),
         "throughput": {},
     }
     rng = np.random.default_rng(0)
     for b in batches:
         x = jnp.asarray(rng.integers(0, 256, (b, 1, SIZE, SIZE, 3), dtype=np.uint8))
-        forward(variables, x).block_until_ready()  # compile this batch size
+        run = compiled(x)
+        run(x).block_until_ready()
         result["throughput"][b] = throughput(
-            lambda x=x: forward(variables, x).block_until_ready(), b, args.seconds, args.repeats
+            lambda x=x, run=run: run(x).block_until_ready(), b, args.seconds, args.repeats
         )
     return result
 
@@ -181,6 +178,8 @@ def markdown(results: dict, batches: list[int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from har_flax.config import DEPTHWISE_IMPLS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--impls", default="auto", help="Flax conv implementations: auto,conv,gemm,shift"
@@ -203,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",") if b]
     impls = [i for i in args.impls.split(",") if i]
     for impl in impls:
-        if impl not in ("auto", "conv", "gemm", "shift"):
-            parser.error(f"--impls: unknown implementation {impl!r}; use auto, conv, gemm or shift")
+        if impl not in DEPTHWISE_IMPLS:
+            parser.error(f"--impls: unknown implementation {impl!r}; use one of {DEPTHWISE_IMPLS}")
     if any(b < 1 for b in batches) or args.iters < 1 or args.repeats < 1:
         parser.error("--batches, --iters and --repeats must be positive")
 

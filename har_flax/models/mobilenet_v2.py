@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from har_flax.config import DEPTHWISE_IMPLS
+
 # (expansion t, output channels c, stride s) for blocks 0..16; the paper's table 2 unrolled.
 BLOCKS: tuple[tuple[int, int, int], ...] = (
     (1, 16, 1),
@@ -96,7 +98,7 @@ def resolve_depthwise_impl(impl: str) -> str:
     """
     if impl == "auto":
         return {"cpu": "shift", "gpu": "gemm"}.get(jax.default_backend(), "conv")
-    if impl not in ("conv", "gemm", "shift"):
+    if impl not in DEPTHWISE_IMPLS:
         raise ValueError(f"depthwise_impl must be 'auto', 'conv', 'gemm' or 'shift', got {impl!r}")
     return impl
 
