@@ -7,8 +7,9 @@
 # Runs from the repository root with the machine's own JAX/Flax/optax/orbax and PyTorch
 # (har_flax is used from the source tree; nothing is installed). Each benchmark is a separate
 # process with its own time limit, so one failure or timeout does not lose the others; each
-# writes its JSON/log to OUT_DIR, and a summary table is printed last. All sections take about
-# 11 minutes on an H200, most of it compiling (about 90 s per train-step variant): more than
+# writes its JSON/log to OUT_DIR, and a summary table is printed last. All sections should take
+# about 11 minutes on an H200 (an estimate from the first lease, where each train-step variant
+# compiled for about 90 s; not yet run as a whole): more than
 # one 10-minute device call, so a lease runs them as two back-to-back calls with SECTIONS
 # (the machine stays warm between them):
 #   SECTIONS="grad_probe train_default torch_eager torch_compile" scripts/bench_gpu.sh "$OUT"
