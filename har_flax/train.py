@@ -301,12 +301,19 @@ def predict_logits(
     mesh = mesh or sharding.make_mesh()
     batch_size = _round_up(batch_size, mesh.devices.size)
     fn = _logits_fn(model, mesh)
-    out = []
-    for batch, valid in _prefetch(eval_batches(source, batch_size, num_frames)):
-        images = sharding.shard_batch(
-            batch["image"][sharding.process_slice(batch_size)], mesh, batch_size
-        )
-        out.append(np.asarray(jax.device_get(fn(variables, images)))[:valid])
+
+    def on_devices() -> Iterator[tuple[jax.Array, int]]:
+        local = sharding.process_slice(batch_size)
+        for batch, valid in eval_batches(source, batch_size, num_frames):
+            yield sharding.shard_batch(batch["image"][local], mesh, batch_size), valid
+
+    # Read back once at the end, so that loading, copying and computing overlap throughout.
+    batches = _prefetch(on_devices())
+    try:
+        out = [(fn(variables, images), valid) for images, valid in batches]
+    finally:
+        batches.close()
+    out = [np.asarray(logits)[:valid] for logits, valid in jax.device_get(out)]
     k = out[0].shape[-1] if out else 0
     return np.concatenate(out) if out else np.zeros((0, k), np.float32)
 
@@ -459,7 +466,6 @@ def fit(
     model = create_model(config.model)
     global_step = progress["epoch"] * spe + progress["step_in_epoch"]
     bar = _progress_bar(total_steps, global_step, progress_bar and jax.process_index() == 0)
-    local = sharding.process_slice(tc.batch_size)
     guard = _NonFiniteGuard(tc.max_nonfinite_steps)
 
     with _stop_on_signal() as stop_requested, bar, _closing_on_error(ckpts):
@@ -468,7 +474,7 @@ def fit(
             order = epoch_permutation(len(splits.train), tc.seed, epoch)
             first = progress["step_in_epoch"]
             batches = _prefetch(
-                _train_batches(splits.train, order, tc.batch_size, first, spe, local, config)
+                _train_batches(splits.train, order, tc.batch_size, first, spe, config, mesh)
             )
             meter = _Meter(progress["sums"], bar, tc.batch_size, guard)
 
@@ -482,8 +488,7 @@ def fit(
                         ckpts.close()
                         log.info("stopped at step %d; run again to resume", global_step)
                         return result(True)
-                    batch = sharding.shard_batch(next(batches), mesh, tc.batch_size)
-                    state, metrics = steps[frozen](state, batch, root_key)
+                    state, metrics = steps[frozen](state, next(batches), root_key)
                     meter.add(metrics)
                     global_step += 1
                     if meter.pending >= tc.log_every_steps:
@@ -674,30 +679,39 @@ def _train_batches(
     batch_size: int,
     first: int,
     steps: int,
-    local: slice,
     config: Config,
-) -> Iterator[dict[str, np.ndarray]]:
+    mesh: jax.sharding.Mesh,
+) -> Iterator[dict[str, jax.Array]]:
+    """Batches ``first..steps-1`` of an epoch, on the mesh: this process' rows of each.
+
+    One gather per batch on the host (the row order is the epoch's order) and the copy to the
+    devices; run under :func:`_prefetch`, both overlap the steps.
+    """
+    local = sharding.process_slice(batch_size)
     for i in range(first, steps):
-        idx = order[i * batch_size : (i + 1) * batch_size][local]
-        images, labels = source.get_batch(np.sort(idx))
-        # Sorted reads are kinder to the record file; restore the shuffled order after.
-        inverse = np.argsort(np.argsort(idx))
-        yield {
-            "image": _add_time_axis(images[inverse], config.model.num_frames),
-            "label": np.asarray(labels, np.int32)[inverse],
+        images, labels = source.get_batch(order[i * batch_size : (i + 1) * batch_size][local])
+        host = {
+            "image": _add_time_axis(images, config.model.num_frames),
+            "label": np.asarray(labels, np.int32),
         }
+        yield sharding.shard_batch(host, mesh, batch_size)
 
 
 def _add_time_axis(images: np.ndarray, num_frames: int) -> np.ndarray:
-    """(B, H, W, 3) still images -> (B, T, H, W, 3), repeating the still when T > 1."""
+    """(B, H, W, 3) still images -> (B, T, H, W, 3), repeating the still when T > 1.
+
+    For T = 1 the result is a view: no copy.
+    """
     images = np.asarray(images)
     if images.ndim == 5:
         return images
+    if num_frames == 1:
+        return images[:, None]
     return np.repeat(images[:, None], num_frames, axis=1)
 
 
 class _Prefetch:
-    """Loads the next batches on a thread while the device computes (order kept)."""
+    """Runs an iterator ``depth`` items ahead on a thread while the device computes (in order)."""
 
     def __init__(self, iterator: Iterator, depth: int = 2):
         self._it = iterator

@@ -7,13 +7,13 @@
 # Runs from the repository root with the machine's own JAX/Flax/optax/orbax and PyTorch
 # (har_flax is used from the source tree; nothing is installed). Each benchmark is a separate
 # process with its own time limit, so one failure or timeout does not lose the others; each
-# writes its JSON/log to OUT_DIR, and a summary table is printed last. All sections should take
-# about 11 minutes on an H200 (an estimate from the first lease, where each train-step variant
-# compiled for about 90 s; not yet run as a whole): more than
-# one 10-minute device call, so a lease runs them as two back-to-back calls with SECTIONS
-# (the machine stays warm between them):
-#   SECTIONS="grad_probe train_default torch_eager torch_compile" scripts/bench_gpu.sh "$OUT"
-#   SECTIONS="train_conv train_frozen_bn train_no_augment predict" scripts/bench_gpu.sh "$OUT"
+# writes its JSON/log to OUT_DIR, and a summary table is printed last. All sections take more
+# than one 10-minute device call (each train-step variant compiled for about 90 s on an H200),
+# and a lease has 15 minutes in all, machine start included. So a lease runs them as two
+# back-to-back calls (the machine stays warm between them), the issue's figures first:
+#   SECTIONS="grad_probe train_default torch_eager torch_compile predict" scripts/bench_gpu.sh "$OUT"
+#   SECTIONS="train_frozen_bn train_no_augment train_conv" scripts/bench_gpu.sh "$OUT"
+# Compiled programs are cached in /tmp/har-jax-cache, so a rerun on a warm machine skips them.
 #
 # The inference benchmark ports the bundled TFLite weights, which needs the pure-Python `tflite`
 # package. If the machine lacks it, put its wheel in .whl/ first (ignored by git), here:
@@ -24,6 +24,7 @@ cd "$(dirname "$0")/.."
 out="${1:-${OUT:-bench-gpu-out}}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/har-jax-cache}"
 py="${PYTHON:-python3}"
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$py" -m pip install -q --no-index --no-deps --target /tmp/har-site .whl/*.whl &&
@@ -73,24 +74,25 @@ EOF
 
 bt="scripts/bench_train.py --config default --batch-size 256 --set model.dtype=bfloat16"
 # 1. The issue's figure: the full CNN-LSTM train step (augmentation, BatchNorm in training mode,
-#    as when training from scratch; depthwise_impl auto = "gemm" on a GPU), and one epoch of
-#    12,600 images through the input path. "nonfinite_steps" must be 0.
+#    as when training from scratch; depthwise_impl auto = "gemm" on a GPU), one epoch of
+#    12,600 images through the input path, and that input path alone (input_images_per_sec:
+#    what this host can feed). "nonfinite_steps" must be 0.
 section train_default 200 "$py" $bt
 # 2. The PyTorch reference in the same lease.
 section torch_eager 80 "$py" scripts/bench_torch_mobilenet.py --batch-size 256
 section torch_compile 140 "$py" scripts/bench_torch_mobilenet.py --batch-size 256 --compile
-# 3. All 1x1 layers as cuDNN convolutions (the GPU default before 2026-11-26).
-section train_conv 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
-  --set model.depthwise_impl=conv
-# 4. Fine-tuning the bundled ImageNet backbone keeps its BatchNorm frozen: that step's speed.
-section train_frozen_bn 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
-  --set model.freeze_backbone_batchnorm=true
-# 5. What the on-device augmentation costs.
-section train_no_augment 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
-  --set train.augment=false
-# 6. Inference: single-image latency and batched throughput of the built-in model.
+# 3. Inference: single-image latency and batched throughput of the built-in model.
 section predict 120 "$py" scripts/bench_predict.py --impls auto,conv --batches 1,32,256 \
   --iters 50 --repeats 3 --seconds 1 --no-tflite
+# 4. All 1x1 layers as cuDNN convolutions (the GPU default before 2026-11-26).
+section train_conv 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
+  --set model.depthwise_impl=conv
+# 5. Fine-tuning the bundled ImageNet backbone keeps its BatchNorm frozen: that step's speed.
+section train_frozen_bn 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
+  --set model.freeze_backbone_batchnorm=true
+# 6. What the on-device augmentation costs.
+section train_no_augment 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
+  --set train.augment=false
 
 echo "== summary"
 "$py" - "$out" <<'EOF'
@@ -105,7 +107,7 @@ for log in sorted(out.glob("*.log")):
         continue
     keys = ["device", "depthwise_impl", "step_ms", "step_ms_each_repeat",
             "train_step_images_per_sec", "epoch_seconds", "epoch_images_per_sec",
-            "warmup_seconds", "final_loss", "nonfinite_steps"]
+            "input_images_per_sec", "warmup_seconds", "final_loss", "nonfinite_steps"]
     print(log.stem, {k: r[k] for k in keys if k in r})
 EOF
 [ -f "$out/predict.log" ] && tail -n 8 "$out/predict.log"

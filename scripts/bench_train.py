@@ -4,14 +4,18 @@
     python scripts/bench_train.py --batch-size 256 --set model.dtype=bfloat16         # GPU/TPU
 
 The step benchmark feeds one batch already on the devices (the model's own speed); the epoch
-benchmark runs the training loop's real input path (host gather, sharding, prefetch) over
-``--epoch-images`` images held in memory, or over the training split of ``--data-dir``.
+benchmark runs the training loop's real input path (host gather, copy to the devices,
+prefetch) over ``--epoch-images`` images held in memory, or over the training split of
+``--data-dir`` (its memory-mapped prepared arrays). ``input_images_per_sec`` is that input
+path alone, without steps: the most it can feed (``--input-only`` measures just that, e.g.
+to see whether a host can keep an accelerator busy).
 Prints one JSON object; every number in it was measured by this run.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import sys
@@ -33,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir", type=Path, default=Path("/tmp/har-bench"), help="for --data-dir"
     )
     parser.add_argument("--frozen", action="store_true", help="time the head-only stage's step")
+    parser.add_argument(
+        "--input-only", action="store_true", help="time only the input path (no model)"
+    )
     return parser
 
 
@@ -80,14 +87,37 @@ def main(argv: list[str] | None = None) -> int:
     else:
         source = _Memory(args.epoch_images, size, config.model.num_classes)
     spe = train.steps_per_epoch(len(source), bs)
+    env = {
+        "device": str(jax.devices()[0].device_kind),
+        "devices": jax.device_count(),
+        "jax": jax.__version__,
+        "config": config.name,
+        "image_size": size,
+        "batch_size": bs,
+        "source": "memory" if args.data_dir is None else "prepared arrays",
+        "epoch_images": spe * bs,
+    }
+
+    # The input path alone (gather, copy to the devices, prefetch): the rate it can feed.
+    input_times = []
+    for r in range(args.repeats):
+        order = train.epoch_permutation(len(source), 0, r)
+        t0 = time.perf_counter()
+        batches = train._prefetch(train._train_batches(source, order, bs, 0, spe, config, mesh))
+        jax.block_until_ready(collections.deque(batches, maxlen=1)[0])  # consume; wait for the last
+        input_times.append(time.perf_counter() - t0)
+        batches.close()
+    input_s = statistics.median(input_times)
+    env["input_images_per_sec_each_repeat"] = [round(spe * bs / t, 1) for t in input_times]
+    env["input_images_per_sec"] = round(spe * bs / input_s, 1)
+    if args.input_only:
+        print(json.dumps(env, indent=2))
+        return 0
 
     state = sharding.replicate(train.create_train_state(config, spe), mesh)
     step = train.make_train_step(config, spe, freeze_backbone=args.frozen)
     key = jax.random.key(0)
-    images, labels = source.get_batch(np.arange(bs) % len(source))
-    batch = sharding.shard_batch(
-        {"image": train._add_time_axis(images, config.model.num_frames), "label": labels}, mesh, bs
-    )
+    batch = next(train._train_batches(source, np.arange(len(source)), bs, 0, 1, config, mesh))
 
     skipped = []  # per step: was the loss or gradient non-finite (so the update was skipped)?
     t0 = time.perf_counter()
@@ -107,26 +137,20 @@ def main(argv: list[str] | None = None) -> int:
         step_times.append((time.perf_counter() - t0) / args.steps)
     step_s = statistics.median(step_times)
 
-    # One epoch through the real input path: gather, shard, prefetch, step.
-    order = train.epoch_permutation(len(source), 0, 0)
-    local = sharding.process_slice(bs)
-    batches = train._prefetch(train._train_batches(source, order, bs, 0, spe, local, config))
+    # One epoch through the real input path: gather, copy to the devices, prefetch, step.
+    order = train.epoch_permutation(len(source), 0, args.repeats)
     t0 = time.perf_counter()
-    for host_batch in batches:
-        state, metrics = step(state, sharding.shard_batch(host_batch, mesh, bs), key)
+    batches = train._prefetch(train._train_batches(source, order, bs, 0, spe, config, mesh))
+    for device_batch in batches:
+        state, metrics = step(state, device_batch, key)
         skipped.append(metrics["skipped"])
     jax.block_until_ready(metrics)
     epoch_s = time.perf_counter() - t0
     batches.close()
 
     result = {
-        "device": str(jax.devices()[0].device_kind),
-        "devices": jax.device_count(),
-        "jax": jax.__version__,
-        "config": config.name,
-        "image_size": size,
+        **env,
         "dtype": config.model.dtype,
-        "batch_size": bs,
         "depthwise_impl": config.model.depthwise_impl,
         "backbone_batchnorm_frozen": config.model.backbone_batchnorm_frozen,
         "augment": config.train.augment,
@@ -135,7 +159,6 @@ def main(argv: list[str] | None = None) -> int:
         "step_ms_each_repeat": [round(t * 1e3, 3) for t in step_times],
         "step_ms": round(step_s * 1e3, 3),
         "train_step_images_per_sec": round(bs / step_s, 1),
-        "epoch_images": spe * bs,
         "epoch_seconds": round(epoch_s, 3),
         "epoch_images_per_sec": round(spe * bs / epoch_s, 1),
         "final_loss": float(metrics["loss"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 
 from har_flax.config import DataConfig
-from har_flax.data import load_splits
+from har_flax.data import DataError, load_splits
 from har_flax.data.har_builder import HarKaggle, fingerprint, prepare
 from har_flax.data.synthetic import write_synthetic_kaggle
 
@@ -107,16 +108,24 @@ def test_prepared_once_and_rebuilt_when_the_data_changes(data_dir, tmp_path):
 
 
 def test_works_without_tensorflow(data_dir, tmp_path):
-    """Builds and reads in a fresh interpreter where TensorFlow is not installed, nor imported."""
+    """Builds and reads in a fresh interpreter where TensorFlow is not installed, nor imported.
+
+    tfds' writer spills a split of over 1 GB (the real training set at 224 px is 1.9 GB) to
+    files through TensorFlow; lowering that limit to 1 KB here makes this small set take the
+    same path, which must still work, and the limit must be left as it was.
+    """
     code = f"""
 import importlib.util, sys
 assert importlib.util.find_spec("tensorflow") is None, "TensorFlow is installed here"
+from tensorflow_datasets.core import shuffle
+shuffle.MAX_MEM_BUFFER_SIZE = 1024
 from har_flax.config import DataConfig
-from har_flax.data import load_splits
+from har_flax.data import DataError, load_splits
 s = load_splits({str(data_dir)!r}, {str(tmp_path)!r}, image_size=32, data_config=DataConfig())
 x, y = s.train.get_batch([0, 1])
 assert x.shape == (2, 32, 32, 3), x.shape
 assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in sys.modules)
+assert shuffle.MAX_MEM_BUFFER_SIZE == 1024, shuffle.MAX_MEM_BUFFER_SIZE
 print("ok", len(s.train), len(s.val), len(s.test))
 """
     out = subprocess.run(
@@ -140,3 +149,62 @@ def test_no_progress_means_no_bars_and_restores_tfds_setting(data_dir, tmp_path,
     # The default shows them (the first build of another size, so it is not a cached no-op).
     load_splits(data_dir, tmp_path / "loud", image_size=20, data_config=DataConfig())
     assert "Decoding train images to 20px" in capfd.readouterr().err
+
+
+def _arrays(folder):
+    return sorted(p for p in os.listdir(folder) if ".images-" in p and p.endswith(".npy"))
+
+
+def test_arrays_are_copied_once_into_memory_mapped_files(data_dir, tmp_path):
+    splits = load_splits(data_dir, tmp_path, image_size=32, data_config=DataConfig())
+    folder = splits.dataset_dir
+    files = _arrays(folder)
+    assert [f.split(".images-")[0] for f in files] == ["har_kaggle-test", "har_kaggle-train"]
+    stamps = {f: os.stat(folder / f).st_mtime_ns for f in files}
+    # Row r of the file is record r of the array_record shards.
+    builder = prepare(data_dir, image_size=32, tfds_dir=tmp_path / "tfds")
+    array = np.load(folder / files[1], mmap_mode="r")
+    records = builder.as_data_source("train")
+    for r in (0, len(records) - 1):
+        np.testing.assert_array_equal(array[r], records[r]["image"])
+
+    again = load_splits(data_dir, tmp_path, image_size=32, data_config=DataConfig())
+    assert {f: os.stat(folder / f).st_mtime_ns for f in _arrays(folder)} == stamps  # reused
+    images, _ = again.val.get_batch(np.arange(len(again.val)))
+    expected, _ = splits.val.get_batch(np.arange(len(splits.val)))
+    np.testing.assert_array_equal(images, expected)
+
+
+def test_arrays_are_rebuilt_when_truncated_or_the_shards_change(data_dir, tmp_path):
+    splits = load_splits(data_dir, tmp_path, image_size=32, data_config=DataConfig())
+    folder = splits.dataset_dir
+    expected, _ = splits.train.get_batch(np.arange(len(splits.train)))
+    train_file = folder / _arrays(folder)[1]
+
+    with open(train_file, "r+b") as f:  # e.g. a full disk: a cut-off copy
+        f.truncate(os.path.getsize(train_file) // 2)
+    again = load_splits(data_dir, tmp_path, image_size=32, data_config=DataConfig())
+    np.testing.assert_array_equal(again.train.get_batch(np.arange(len(again.train)))[0], expected)
+    assert os.path.getsize(train_file) > 32 * 32 * 3 * len(splits.train)
+
+    # Shards rewritten (another mtime): a new file under a new name, the old one removed.
+    shard = next(p for p in os.listdir(folder) if "train.array_record" in p)
+    os.utime(folder / shard, ns=(1, 1))
+    load_splits(data_dir, tmp_path, image_size=32, data_config=DataConfig())
+    files = _arrays(folder)
+    assert len(files) == 2 and train_file.name not in files
+
+
+def test_a_record_that_is_not_the_listed_image_is_an_error_leaving_no_file(data_dir, tmp_path):
+    splits = load_splits(data_dir, tmp_path, image_size=32, data_config=DataConfig())
+    folder = splits.dataset_dir
+    for f in _arrays(folder):
+        os.remove(folder / f)
+    # The metadata now lists two training images in swapped places.
+    meta = json.loads((folder / "metadata.json").read_text())
+    stored = meta["stored"]["train"]
+    stored[0][0], stored[1][0] = stored[1][0], stored[0][0]
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=rf"record 0 holds {stored[1][0]}, expected {stored[0][0]}"):
+        load_splits(data_dir, tmp_path, image_size=32, data_config=DataConfig())
+    assert not any(".images-" in p for p in os.listdir(folder))  # no partial file, no temp

@@ -1,7 +1,8 @@
 """Training data: the Kaggle layout -> prepared uint8 arrays -> train / val / test by random access.
 
 :func:`load_splits` is the one entry point for training and evaluation. It prepares the tfds
-array_record copy of the data once (:mod:`har_flax.data.har_builder`), applies the persisted
+array_record copy of the data once (:mod:`har_flax.data.har_builder`), memory-maps its arrays
+(:func:`~har_flax.data.har_builder.images_array`), applies the persisted
 stratified split (:mod:`har_flax.data.split`) and returns :class:`ArraySource` s that read
 batches by index. TensorFlow is never needed.
 """
@@ -12,7 +13,6 @@ import collections
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -33,16 +33,16 @@ class ArraySource:
 
     def __init__(
         self,
-        source: Any,
+        images: np.ndarray,
         records: Sequence[int],
         filenames: Sequence[str],
         labels: np.ndarray,
         image_size: int,
     ):
-        """Wraps ``source`` (a tfds data source); index i reads record ``records[i]``."""
+        """Index i is row ``records[i]`` of ``images`` (uint8 [n, S, S, 3], e.g. memory-mapped)."""
         if not len(records) == len(filenames) == len(labels):
             raise ValueError("records, filenames and labels must have one entry per example")
-        self._source = source
+        self._images = images
         self._records = np.asarray(records, dtype=np.int64)
         self.filenames: tuple[str, ...] = tuple(filenames)
         self.labels: np.ndarray = np.asarray(labels, dtype=np.int32)
@@ -65,26 +65,11 @@ class ArraySource:
 
         Raises:
           IndexError: an index is out of range.
-          DataError: the prepared files do not hold the expected image (they were changed).
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"indices out of range [0, {len(self)}): {idx[:8]}")
-        s = self.image_size
-        if not idx.size:
-            return np.zeros((0, s, s, 3), np.uint8), np.zeros((0,), np.int32)
-        examples = self._source.__getitems__(self._records[idx].tolist())
-        for i, ex in zip(idx, examples, strict=True):
-            name = ex["filename"]
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            # The name costs nothing to check and catches prepared files out of step.
-            if name != self.filenames[i]:
-                raise DataError(
-                    f"prepared record {self._records[i]} holds {name}, expected "
-                    f"{self.filenames[i]}; delete the prepared copy to rebuild it"
-                )
-        batch = np.stack([ex["image"] for ex in examples])  # (n, S, S, 3)
-        return batch.astype(np.uint8, copy=False), self.labels[idx]
+        return np.asarray(self._images[self._records[idx]]), self.labels[idx]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,15 +165,15 @@ def load_splits(
         seed=data_config.split_seed,
     )
     index = {c: i for i, c in enumerate(classes)}
-    train_source = builder.as_data_source("train")
+    train_images = har_builder.images_array(builder, "train", progress=progress)
 
     def subset(files: list[str]) -> ArraySource:
         labels = np.array([index[label_of[f]] for f in files], np.int32)
-        return ArraySource(train_source, [record_of[f] for f in files], files, labels, image_size)
+        return ArraySource(train_images, [record_of[f] for f in files], files, labels, image_size)
 
     stored_test = [x[0] for x in meta["stored"].get("test", [])]
     test = ArraySource(
-        builder.as_data_source("test") if stored_test else None,
+        har_builder.images_array(builder, "test", progress=progress),
         range(len(stored_test)),
         stored_test,
         np.full(len(stored_test), -1, np.int32),
