@@ -56,16 +56,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def _this_process_checkpointer() -> ocp.StandardCheckpointer:
+    """An orbax checkpointer of host arrays that only the calling process takes part in.
+
+    A model is exported by one process (process 0 of a multi-host run) and loaded by whichever
+    needs it; orbax's default would wait at a barrier for every process of the run.
+    """
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}
+        )
+    )
+
+
 def save_variables(path: str | os.PathLike, variables: Any) -> None:
-    """Saves a pytree of arrays with orbax (``path`` must not exist)."""
+    """Saves a pytree of arrays with orbax (``path`` must not exist), from this process alone."""
     variables = jax.tree.map(np.asarray, variables)
-    with ocp.StandardCheckpointer() as ckptr:
+    with _this_process_checkpointer() as ckptr:
         ckptr.save(os.path.abspath(path), variables)
 
 
 def load_variables(path: str | os.PathLike) -> dict:
     """Restores a pytree saved by :func:`save_variables`, as host numpy arrays."""
-    with ocp.StandardCheckpointer() as ckptr:
+    with _this_process_checkpointer() as ckptr:
         restored = ckptr.restore(os.path.abspath(path))
     return jax.tree.map(np.asarray, restored)
 

@@ -8,13 +8,16 @@ for a coordinator. Each process then feeds its own slice of every global batch.
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+
+T = TypeVar("T")
 
 # Environment variables that ask for a multi-process run (the names jax.distributed reads, plus
 # the two it takes as arguments).
@@ -46,6 +49,33 @@ def maybe_initialize_distributed(environ: dict[str, str] | None = None) -> bool:
                 raise ValueError(f"{key} must be an integer, got {env[key]!r}") from None
     jax.distributed.initialize(**kwargs)
     return True
+
+
+def process_zero_first(fn: Callable[[], T], name: str) -> T:
+    """Calls ``fn`` on process 0 first, then on the other processes.
+
+    For work on files that processes may share, such as preparing the data set in a work
+    directory on a shared disk: started together, processes would race to write the same
+    files. Here the others wait at a barrier until process 0 is done, then find its result
+    ready (or, on local disks, make their own). If ``fn`` raises on process 0, the others
+    still pass the barrier and run ``fn`` themselves, so bad data stops every process with
+    the same error rather than leaving them waiting. One process: just ``fn()``.
+
+    Args:
+      fn: the work.
+      name: the barrier's name, the same on every process.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    if jax.process_index() == 0:
+        try:
+            return fn()
+        finally:
+            multihost_utils.sync_global_devices(name)
+    multihost_utils.sync_global_devices(name)
+    return fn()
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:

@@ -388,8 +388,11 @@ def fit(
             raise ValueError("fit needs data_dir or splits")
         from har_flax.data import load_splits
 
-        splits = load_splits(
-            data_dir, workdir, image_size=config.model.image_size, data_config=config.data
+        splits = sharding.process_zero_first(
+            lambda: load_splits(
+                data_dir, workdir, image_size=config.model.image_size, data_config=config.data
+            ),
+            "har_flax:load_splits",
         )
     classes = tuple(splits.classes)
     if config.model.num_classes != len(classes):

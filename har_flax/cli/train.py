@@ -97,13 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     from har_flax.data import DataError, load_splits
 
     try:
-        splits = load_splits(
-            args.data_dir,
-            args.workdir,
-            image_size=config.model.image_size,
-            data_config=config.data,
-            download_dir=args.download_dir,
-            progress=not args.no_progress,
+        splits = sharding.process_zero_first(
+            lambda: load_splits(
+                args.data_dir,
+                args.workdir,
+                image_size=config.model.image_size,
+                data_config=config.data,
+                download_dir=args.download_dir,
+                progress=not args.no_progress,
+            ),
+            "har_flax:load_splits",
         )
         result = train.fit(
             config,

@@ -1,0 +1,91 @@
+"""Multi-host training: two `har-train` processes on this machine act as two hosts.
+
+They meet through `jax.distributed.initialize()` (the environment variables README gives),
+each with 2 CPU devices, and share one work directory as hosts share a disk. Together they
+must train the same trajectory as one process with 4 devices, and write one set of outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_webui_support import free_port
+
+from har_flax.data.synthetic import write_synthetic_kaggle
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAR_TRAIN = os.path.join(os.path.dirname(sys.executable), "har-train")
+# A small learning rate keeps the comparison about the distribution (see test_sharding.py).
+SETTINGS = ["--config", "tiny", "--no-progress", "--set", "train.batch_size=8",
+            "--set", "train.epochs=2", "--set", "train.learning_rate=1e-4",
+            "--set", "model.bn_momentum=0.9", "--set", "model.depthwise_impl=conv"]  # fmt: skip
+
+
+def _env(devices: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", **extra
+    )
+    return env
+
+
+def _metrics(workdir) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_synthetic_kaggle(
+        tmp_path_factory.mktemp("mh") / "data", train_per_class=12, test_count=2, seed=3
+    )
+
+
+def test_two_processes_train_like_one(data_dir, tmp_path):
+    shared = tmp_path / "two"  # both "hosts" use it, data preparation included
+    command = [HAR_TRAIN, "--data-dir", str(data_dir), "--workdir", str(shared), *SETTINGS]
+    address = f"127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=_env(
+                2, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert "best validation accuracy" in out
+
+    one = tmp_path / "one"
+    single = subprocess.run(
+        [HAR_TRAIN, "--data-dir", str(data_dir), "--workdir", str(one), *SETTINGS],
+        cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    two, ref = _metrics(shared), _metrics(one)
+    assert [r["epoch"] for r in two] == [1, 2]  # written once, by process 0
+    assert [r["step"] for r in two] == [r["step"] for r in ref]
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose([r[key] for r in two], [r[key] for r in ref], rtol=1e-3,
+                                   err_msg=key)  # fmt: skip
+    assert two[0]["train_loss"] != two[1]["train_loss"]  # it trained
+    # One exported model and one set of checkpoints, as a single process writes them.
+    assert sorted(os.listdir(shared / "model")) == sorted(os.listdir(one / "model"))
+    assert sorted(os.listdir(shared / "checkpoints")) == sorted(os.listdir(one / "checkpoints"))
+    assert (shared / "split.json").read_text() == (one / "split.json").read_text()
