@@ -1,8 +1,9 @@
 """Multi-host training: two `har-train` processes on this machine act as two hosts.
 
 They meet through `jax.distributed.initialize()` (the environment variables README gives),
-each with 2 CPU devices, and share one work directory as hosts share a disk. Together they
-must train the same trajectory as one process with 4 devices, and write one set of outputs.
+each with 2 CPU devices, and share one work directory as hosts share a disk. Stopped and
+resumed, together they must train the same trajectory as one process with 4 devices, and
+write one set of outputs.
 """
 
 from __future__ import annotations
@@ -45,9 +46,8 @@ def data_dir(tmp_path_factory):
     )
 
 
-def test_two_processes_train_like_one(data_dir, tmp_path):
-    shared = tmp_path / "two"  # both "hosts" use it, data preparation included
-    command = [HAR_TRAIN, "--data-dir", str(data_dir), "--workdir", str(shared), *SETTINGS]
+def _two_processes(command: list[str]) -> list[str]:
+    """Runs ``command`` as processes 0 and 1 of one distributed run; returns their stdout."""
     address = f"127.0.0.1:{free_port()}"
     procs = [
         subprocess.Popen(
@@ -67,8 +67,18 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
     finally:
         for p in procs:
             p.kill()
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
+    return [out for out, _ in outs]
+
+
+def test_two_processes_train_and_resume_like_one(data_dir, tmp_path):
+    shared = tmp_path / "two"  # both "hosts" use it, data preparation included
+    command = [HAR_TRAIN, "--data-dir", str(data_dir), "--workdir", str(shared), *SETTINGS]
+    # Stopped in the middle of epoch 2 (3 steps per epoch), then the same command again.
+    for out in _two_processes([*command, "--max-steps", "4"]):
+        assert "stopped at step 4" in out
+    for out in _two_processes(command):
         assert "best validation accuracy" in out
 
     one = tmp_path / "one"
@@ -80,7 +90,7 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
 
     two, ref = _metrics(shared), _metrics(one)
     assert [r["epoch"] for r in two] == [1, 2]  # written once, by process 0
-    assert [r["step"] for r in two] == [r["step"] for r in ref]
+    assert [r["step"] for r in two] == [r["step"] for r in ref] == [3, 6]
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
         np.testing.assert_allclose([r[key] for r in two], [r[key] for r in ref], rtol=1e-3,
                                    err_msg=key)  # fmt: skip
