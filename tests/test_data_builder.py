@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -208,3 +209,13 @@ def test_a_record_that_is_not_the_listed_image_is_an_error_leaving_no_file(data_
     with pytest.raises(DataError, match=rf"record 0 holds {stored[1][0]}, expected {stored[0][0]}"):
         load_splits(data_dir, tmp_path, image_size=32, data_config=DataConfig())
     assert not any(".images-" in p for p in os.listdir(folder))  # no partial file, no temp
+
+
+def test_tfds_notices_that_ask_nothing_are_not_shown(data_dir, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        prepare(data_dir, image_size=16, tfds_dir=tmp_path)  # first time: a folder without info
+        prepare(data_dir, image_size=16, tfds_dir=tmp_path)
+    assert "preparing" in caplog.text  # other messages pass
+    assert "Using custom data configuration" not in caplog.text
+    assert "has no dataset_info.json" not in caplog.text
+    assert not logging.getLogger("absl").filters  # the filter was only for those calls

@@ -255,13 +255,14 @@ def builder_for(
         image_size=image_size,
         description=f"{image_size}x{image_size} arrays of {os.fspath(data_dir)}",
     )
-    return HarKaggle(
-        data_dir=os.fspath(tfds_dir),
-        config=config,
-        skip_bad_images=skip_bad_images,
-        workers=workers,
-        progress=progress,
-    )
+    with _without_tfds_notices():
+        return HarKaggle(
+            data_dir=os.fspath(tfds_dir),
+            config=config,
+            skip_bad_images=skip_bad_images,
+            workers=workers,
+            progress=progress,
+        )
 
 
 def prepare(
@@ -300,7 +301,9 @@ def prepare(
         workers=workers,
         progress=progress,
     )
-    if not builder.is_prepared():
+    with _without_tfds_notices():
+        prepared = builder.is_prepared()
+    if not prepared:
         log.info("preparing %s at %dpx into %s", data_dir, image_size, builder.data_dir)
         try:
             with _tfds_progress_bars(progress), _tfds_shuffle_in_memory():
@@ -399,6 +402,31 @@ def _write_images_array(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class _TfdsNoticeFilter(logging.Filter):
+    """Drops two warnings tfds logs for every builder like ours; neither asks anything of a user.
+
+    "Using custom data configuration" (each prepared copy has its own config, made at run
+    time) and "Variant folder ... has no dataset_info.json" (a copy not prepared yet).
+    """
+
+    NOTICES = ("Using custom data configuration", "has no dataset_info.json")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(notice in message for notice in self.NOTICES)
+
+
+@contextlib.contextmanager
+def _without_tfds_notices() -> Iterator[None]:
+    """Filters :class:`_TfdsNoticeFilter`'s warnings out of tfds' (absl) log for the block."""
+    logger, notice_filter = logging.getLogger("absl"), _TfdsNoticeFilter()
+    logger.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice_filter)
 
 
 @contextlib.contextmanager
