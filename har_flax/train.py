@@ -399,7 +399,6 @@ def fit(
         log.info("model.num_classes = %d (from the data)", len(classes))
         config = override(config, {"model.num_classes": len(classes)})
     _check_resumable_config(workdir, config)
-    atomic_write_text(workdir / CONFIG_FILE, config.to_json())
 
     tc = config.train
     mesh = mesh or sharding.make_mesh()
@@ -459,8 +458,16 @@ def fit(
 
     if progress["finished"]:
         log.info("%s already finished; nothing to do", workdir)
+        if tc.epochs > progress["epoch"] and not progress["stopped_early"]:
+            log.warning(
+                "train.epochs=%d does not extend a finished run of %d epochs (its learning-rate "
+                "schedule has ended); to train longer, use a new --workdir",
+                tc.epochs,
+                progress["epoch"],
+            )
         ckpts.close()
         return result(False)
+    atomic_write_text(workdir / CONFIG_FILE, config.to_json())  # what this run trains with
 
     steps = {
         frozen: make_train_step(config, spe, freeze_backbone=frozen) for frozen in (False, True)

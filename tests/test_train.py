@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import jax
 import numpy as np
@@ -72,7 +73,7 @@ def _strip(history):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in history]
 
 
-def test_resume_ends_where_an_uninterrupted_run_ends(splits, tmp_path):
+def test_resume_ends_where_an_uninterrupted_run_ends(splits, tmp_path, caplog):
     whole = train.fit(CONFIG, tmp_path / "whole", splits=splits, progress_bar=False)
     assert whole.finished and not whole.interrupted and len(whole.history) == 3
 
@@ -98,9 +99,15 @@ def test_resume_ends_where_an_uninterrupted_run_ends(splits, tmp_path):
     lines = [json.loads(x) for x in (parts / "metrics.jsonl").read_text().splitlines()]
     assert _strip(lines) == _strip(whole.history)  # one line per epoch, none repeated
 
-    # A finished run restarted does nothing and says so.
+    # A finished run restarted does nothing and says so; asking for more epochs says why not.
     again = train.fit(CONFIG, parts, splits=splits, progress_bar=False)
     assert again.finished and int(again.state.step) == 12
+    longer = override(CONFIG, {"train.epochs": CONFIG.train.epochs + 2})
+    with caplog.at_level(logging.INFO, logger="har_flax.train"):
+        again = train.fit(longer, parts, splits=splits, progress_bar=False)
+    assert again.finished and int(again.state.step) == 12
+    assert "does not extend a finished run of 3 epochs" in caplog.text
+    assert json.loads((parts / "config.json").read_text())["train"]["epochs"] == 3  # unchanged
 
     # The work directory: config, best model for the server, checkpoints, curves, cache.
     assert json.loads((parts / "config.json").read_text())["model"]["num_classes"] == 3
