@@ -162,6 +162,11 @@ def test_arrays_are_copied_once_into_memory_mapped_files(data_dir, tmp_path):
     files = _arrays(folder)
     assert [f.split(".images-")[0] for f in files] == ["har_kaggle-test", "har_kaggle-train"]
     stamps = {f: os.stat(folder / f).st_mtime_ns for f in files}
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for f in files:  # readable as any file the user makes, as on a disk shared between users
+        assert os.stat(folder / f).st_mode & 0o777 == 0o666 & ~umask
+    assert not [p for p in os.listdir(folder) if p.endswith(".tmp")]
     # Row r of the file is record r of the array_record shards.
     builder = prepare(data_dir, image_size=32, tfds_dir=tmp_path / "tfds")
     array = np.load(folder / files[1], mmap_mode="r")

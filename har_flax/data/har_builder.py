@@ -27,7 +27,7 @@ import dataclasses
 import hashlib
 import logging
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -372,8 +372,9 @@ def _write_images_array(
 ) -> None:
     size = builder.image_size
     source = builder.as_data_source(split)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    # Created by open_memmap with the usual permissions (mkstemp's 0600 would hide a copy on a
+    # shared disk from other users); the random part keeps concurrent builders apart.
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(names), size, size, 3))
         bar = tqdm.tqdm(total=len(names), desc=f"Caching {split} arrays", unit="img",
@@ -395,12 +396,9 @@ def _write_images_array(
         del out
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared copy from others
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
