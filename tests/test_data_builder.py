@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,3 +225,31 @@ def test_tfds_notices_that_ask_nothing_are_not_shown(data_dir, tmp_path, caplog)
     assert "Using custom data configuration" not in caplog.text
     assert "has no dataset_info.json" not in caplog.text
     assert not logging.getLogger("absl").filters  # the filter was only for those calls
+
+
+def test_a_copy_prepared_meanwhile_by_another_run_is_used(data_dir, tmp_path, monkeypatch, caplog):
+    """Two runs sharing a --download-dir: the one that finishes second uses the first's copy.
+
+    tfds prepares into a temporary folder and renames it at the end; the second rename fails.
+    To make that order certain, another process prepares the same copy completely while this
+    one is generating its first example.
+    """
+    other = (f"from har_flax.data.har_builder import prepare; "
+             f"prepare({str(data_dir)!r}, image_size=20, tfds_dir={str(tmp_path)!r})")  # fmt: skip
+    generate = HarKaggle._generate_examples
+
+    def racing(self, *args, **kwargs):
+        if not getattr(racing, "done", False):
+            racing.done = True
+            subprocess.run([sys.executable, "-c", other], cwd=REPO, check=True, timeout=300)
+        yield from generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(HarKaggle, "_generate_examples", racing)
+    with caplog.at_level(logging.INFO):
+        builder = prepare(data_dir, image_size=20, tfds_dir=tmp_path)
+    assert racing.done and "prepared meanwhile by another run" in caplog.text
+    assert builder.is_prepared()
+    assert not [p for p in os.listdir(os.path.dirname(builder.data_dir)) if "incomplete" in p]
+    splits = load_splits(data_dir, tmp_path / "w", image_size=20, data_config=DataConfig(),
+                         download_dir=tmp_path)  # fmt: skip
+    assert splits.dataset_dir == Path(builder.data_dir)

@@ -293,30 +293,44 @@ def prepare(
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise kaggle.DataError(f"data directory {data_dir} does not exist")
-    builder = builder_for(
-        data_dir,
-        image_size=image_size,
-        tfds_dir=tfds_dir,
-        skip_bad_images=skip_bad_images,
-        workers=workers,
-        progress=progress,
-    )
+
+    def builder() -> HarKaggle:
+        return builder_for(
+            data_dir,
+            image_size=image_size,
+            tfds_dir=tfds_dir,
+            skip_bad_images=skip_bad_images,
+            workers=workers,
+            progress=progress,
+        )
+
+    ours = builder()
     with _without_tfds_notices():
-        prepared = builder.is_prepared()
-    if not prepared:
-        log.info("preparing %s at %dpx into %s", data_dir, image_size, builder.data_dir)
-        try:
-            with _tfds_progress_bars(progress), _tfds_shuffle_in_memory():
-                builder.download_and_prepare(
-                    file_format="array_record",
-                    download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir)),
-                )
-        except AssertionError as e:
-            if "No examples were yielded" not in str(e):
+        prepared = ours.is_prepared()
+    if prepared:
+        return ours
+    log.info("preparing %s at %dpx into %s", data_dir, image_size, ours.data_dir)
+    try:
+        with _tfds_progress_bars(progress), _tfds_shuffle_in_memory():
+            ours.download_and_prepare(
+                file_format="array_record",
+                download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir)),
+            )
+    except AssertionError as e:
+        if "No examples were yielded" not in str(e):
+            raise
+        # Every image of a split was skipped as unreadable.
+        raise kaggle.DataError(f"{data_dir}: no readable image left in a split ({e})") from e
+    except FileExistsError:
+        # tfds prepares into a temporary folder and renames it at the end; another run sharing
+        # tfds_dir (a sweep with one --download-dir) renamed the same copy first. Use theirs.
+        theirs = builder()
+        with _without_tfds_notices():
+            if not theirs.is_prepared():
                 raise
-            # Every image of a split was skipped as unreadable.
-            raise kaggle.DataError(f"{data_dir}: no readable image left in a split ({e})") from e
-    return builder
+        log.info("%s was prepared meanwhile by another run; using that copy", theirs.data_dir)
+        return theirs
+    return ours
 
 
 def images_array(builder: HarKaggle, split: str, *, progress: bool = True) -> np.ndarray:
