@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,16 +34,26 @@ class ArraySource:
 
     def __init__(
         self,
-        images: np.ndarray,
+        images: np.ndarray | Callable[[], np.ndarray],
         records: Sequence[int],
         filenames: Sequence[str],
         labels: np.ndarray,
         image_size: int,
     ):
-        """Index i is row ``records[i]`` of ``images`` (uint8 [n, S, S, 3], e.g. memory-mapped)."""
+        """Index i is row ``records[i]`` of ``images``.
+
+        Args:
+          images: uint8 [n, S, S, 3] (e.g. memory-mapped), or a function returning it, called
+            at the first read: a split only some commands read costs nothing to the others.
+          records: [N] rows of ``images``.
+          filenames: [N] image names.
+          labels: [N] class indices.
+          image_size: S.
+        """
         if not len(records) == len(filenames) == len(labels):
             raise ValueError("records, filenames and labels must have one entry per example")
         self._images = images
+        self._open_lock = threading.Lock()  # a prefetch thread and the caller may both read
         self._records = np.asarray(records, dtype=np.int64)
         self.filenames: tuple[str, ...] = tuple(filenames)
         self.labels: np.ndarray = np.asarray(labels, dtype=np.int32)
@@ -69,7 +80,13 @@ class ArraySource:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"indices out of range [0, {len(self)}): {idx[:8]}")
-        return np.asarray(self._images[self._records[idx]]), self.labels[idx]
+        return np.asarray(self._array()[self._records[idx]]), self.labels[idx]
+
+    def _array(self) -> np.ndarray:
+        with self._open_lock:
+            if callable(self._images):
+                self._images = self._images()
+            return self._images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +190,8 @@ def load_splits(
 
     stored_test = [x[0] for x in meta["stored"].get("test", [])]
     test = ArraySource(
-        har_builder.images_array(builder, "test", progress=progress),
+        # Only evaluation reads it: training never builds this split's array file.
+        lambda: har_builder.images_array(builder, "test", progress=progress),
         range(len(stored_test)),
         stored_test,
         np.full(len(stored_test), -1, np.int32),
