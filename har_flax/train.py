@@ -344,10 +344,56 @@ class FitResult:
     finished: bool  # all epochs done or early-stopped
 
 
-def enable_compilation_cache(workdir: Path) -> None:
-    """Persists compiled programs in ``W/jax_cache`` so a restart does not recompile."""
-    jax.config.update("jax_compilation_cache_dir", str(Path(workdir).absolute() / CACHE_DIR))
+def enable_compilation_cache(workdir: Path) -> str:
+    """Persists compiled programs so that a restart does not recompile.
+
+    The cache is ``W/jax_cache``, unless one is configured already: by
+    ``JAX_COMPILATION_CACHE_DIR`` (say one cache for a sweep's runs), or by an earlier run in
+    this process (JAX opens its cache once per process and keeps it).
+
+    Returns:
+      The cache directory in use.
+    """
+    directory = jax.config.jax_compilation_cache_dir
+    if not directory:
+        directory = str(Path(workdir).absolute() / CACHE_DIR)
+        jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return directory
+
+
+class _CompileStats:
+    """Counts, while entered, XLA's compilations and the programs the persistent cache gave."""
+
+    _COMPILED = "/jax/core/compile/backend_compile_duration"
+    _LOADED = "/jax/compilation_cache/compile_time_saved_sec"
+
+    def __init__(self, cache_dir: str):
+        self.cache_dir = cache_dir
+        self.compiled, self.compile_seconds = 0, 0.0
+        self.loaded, self.saved_seconds = 0, 0.0
+
+    def _listen(self, event: str, duration: float, **_: Any) -> None:
+        if event == self._COMPILED:
+            self.compiled += 1
+            self.compile_seconds += duration
+        elif event == self._LOADED:
+            self.loaded += 1
+            self.saved_seconds += max(duration, 0.0)
+
+    def __enter__(self) -> _CompileStats:
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+    def summary(self) -> str:
+        return (
+            f"compiling took {self.compile_seconds:.1f} s ({self.compiled} programs); "
+            f"{self.loaded} programs came from the compilation cache {self.cache_dir} "
+            f"({self.saved_seconds:.1f} s of compiling saved)"
+        )
 
 
 def fit(
@@ -382,7 +428,22 @@ def fit(
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    enable_compilation_cache(workdir)
+    with _CompileStats(enable_compilation_cache(workdir)) as compile_stats:
+        result = _fit(config, workdir, data_dir, splits, max_steps, mesh, progress_bar)
+    if compile_stats.compiled or compile_stats.loaded:
+        log.info(compile_stats.summary())
+    return result
+
+
+def _fit(
+    config: Config,
+    workdir: Path,
+    data_dir: str | Path | None,
+    splits: Any,
+    max_steps: int | None,
+    mesh: jax.sharding.Mesh | None,
+    progress_bar: bool,
+) -> FitResult:
     if splits is None:
         if data_dir is None:
             raise ValueError("fit needs data_dir or splits")

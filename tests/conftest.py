@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 # Keras (a test-only reference) must not look for TensorFlow.
 os.environ.setdefault("KERAS_BACKEND", "jax")
+# One compilation cache for every training run in this process (har_flax.train keeps a cache
+# that is set already), so tests training the same configuration compile it once. Commands the
+# tests start keep their own: a restart's reuse of W/jax_cache is tested that way, and some
+# tests need a server that takes its time compiling.
+_JAX_CACHE = tempfile.mkdtemp(prefix="har-test-jax-cache-")
+atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _JAX_CACHE)
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTO_NAMES = ("chelsea", "coffee", "rocket", "astronaut")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import jax
 import numpy as np
@@ -82,8 +83,17 @@ def test_resume_ends_where_an_uninterrupted_run_ends(splits, tmp_path, caplog):
     first = train.fit(CONFIG, parts, splits=splits, max_steps=6, progress_bar=False)
     assert first.interrupted and not first.finished and int(first.state.step) == 6
     assert [r["epoch"] for r in first.history] == [1]
-    resumed = train.fit(CONFIG, parts, splits=splits, progress_bar=False)
+    with caplog.at_level(logging.INFO, logger="har_flax.train"):
+        resumed = train.fit(CONFIG, parts, splits=splits, progress_bar=False)
     assert resumed.finished and int(resumed.state.step) == 12
+    # A compilation cache configured already (here by conftest.py) is kept, and the resumed
+    # run's programs came from it; without one a run uses W/jax_cache (test_multihost.py).
+    cache = jax.config.jax_compilation_cache_dir
+    loaded = re.search(rf"(\d+) programs came from the compilation cache {re.escape(cache)} ",
+                       caplog.text)  # fmt: skip
+    assert loaded and int(loaded[1]) >= 2, caplog.text
+    assert not (parts / train.CACHE_DIR).exists()
+    caplog.clear()
 
     jax.tree.map(
         np.testing.assert_array_equal,
