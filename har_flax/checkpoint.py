@@ -181,8 +181,11 @@ _PROGRESS_ITEM = "progress"
 class TrainCheckpoints:
     """The latest and the best training checkpoint of a work directory.
 
-    Saves are synchronous: the next train step donates the state's buffers, so the arrays must be
-    on disk (or at least on the host) before it runs, and the per-epoch cost is small.
+    Saves are asynchronous: :meth:`save` returns once the arrays are copied to host memory (so
+    the next train step may donate the device buffers) and a background thread writes them;
+    training goes on meanwhile. Each checkpoint appears on disk only when complete (orbax writes
+    a temporary folder and renames it), so a run killed mid-save resumes from the one before.
+    Every other method, and the next save of the same kind, first waits for the save in flight.
     """
 
     def __init__(self, directory: str | os.PathLike):
@@ -191,7 +194,11 @@ class TrainCheckpoints:
             name: ocp.CheckpointManager(
                 self.directory / name,
                 options=ocp.CheckpointManagerOptions(
-                    max_to_keep=1, create=True, enable_async_checkpointing=False
+                    max_to_keep=1,
+                    create=True,
+                    enable_async_checkpointing=True,
+                    # The unfinished folder of a save cut off by a kill.
+                    cleanup_tmp_directories=True,
                 ),
                 item_names=(_STATE_ITEM, _PROGRESS_ITEM),
             )
@@ -200,7 +207,9 @@ class TrainCheckpoints:
 
     def latest_step(self, which: str = "latest") -> int | None:
         """The step of the kept checkpoint, or None when there is none yet."""
-        return self._managers[which].latest_step()
+        manager = self._managers[which]
+        manager.wait_until_finished()
+        return manager.latest_step()
 
     def save(self, which: str, step: int, state: Any, progress: dict[str, Any]) -> None:
         """Saves ``state`` (a pytree of arrays) and ``progress`` (JSON) as ``which`` at ``step``.
@@ -212,18 +221,18 @@ class TrainCheckpoints:
           progress: JSON-able facts needed to resume.
         """
         manager = self._managers[which]
-        if manager.latest_step() == step:
+        if self.latest_step(which) == step:
             manager.delete(step)
         manager.save(
             step,
             args=ocp.args.Composite(
                 **{
                     _STATE_ITEM: ocp.args.StandardSave(state),
-                    _PROGRESS_ITEM: ocp.args.JsonSave(progress),
+                    # A copy: the caller goes on changing its dict while this is written.
+                    _PROGRESS_ITEM: ocp.args.JsonSave(json.loads(json.dumps(progress))),
                 }
             ),
         )
-        manager.wait_until_finished()
 
     def restore(self, which: str, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
         """Restores the kept checkpoint into the structure (and shardings) of ``abstract_state``.
@@ -240,7 +249,7 @@ class TrainCheckpoints:
           CheckpointError: the checkpoint does not fit ``abstract_state`` (another model config).
         """
         manager = self._managers[which]
-        step = manager.latest_step()
+        step = self.latest_step(which)
         if step is None:
             return None
         try:

@@ -105,3 +105,39 @@ def test_atomic_write_replaces_and_leaves_no_temporary_files(tmp_path):
     checkpoint.atomic_write_bytes(target, b"\x00\x01")
     assert target.read_bytes() == b"\x00\x01"
     assert _leftovers(target.parent) == []
+
+
+# --- Training checkpoints (saved in the background) ---------------------------------------------
+
+
+def test_a_background_save_keeps_the_state_of_its_moment(tmp_path):
+    import jax
+
+    # What fit does right after a save: the next steps donate the state's buffers (on this CPU
+    # they are host memory) and the progress dict changes, while the save is being written.
+    state = {f"w{i}": jax.numpy.full((256, 1024), float(i)) for i in range(8)}
+    saved = jax.device_get(state)
+    progress = {"epoch": 1, "sums": {"loss": 1.5}}
+    step = jax.jit(lambda s: jax.tree.map(lambda x: x * 3.0 + 1.0, s), donate_argnums=0)
+
+    ckpts = checkpoint.TrainCheckpoints(tmp_path / "checkpoints")
+    ckpts.save("latest", 4, state, progress)
+    progress["epoch"], progress["sums"]["loss"] = 2, 0.0
+    for _ in range(5):
+        state = step(state)
+    jax.block_until_ready(state)
+
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    restored, restored_progress = ckpts.restore("latest", abstract)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
+    assert restored_progress == {"epoch": 1, "sums": {"loss": 1.5}}
+    assert ckpts.latest_step() == 4
+
+    # Saving the same step again replaces it; a new manager on the folder finds the last one.
+    ckpts.save("latest", 4, state, progress)
+    ckpts.close()
+    again = checkpoint.TrainCheckpoints(tmp_path / "checkpoints")
+    restored, restored_progress = again.restore("latest", abstract)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+    assert restored_progress["epoch"] == 2 and again.latest_step("best") is None
+    again.close()
