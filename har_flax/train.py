@@ -389,8 +389,10 @@ class _CompileStats:
         jax.monitoring.unregister_event_duration_listener(self._listen)
 
     def summary(self) -> str:
-        return (
-            f"compiling took {self.compile_seconds:.1f} s ({self.compiled} programs); "
+        compiled = f"compiling took {self.compile_seconds:.1f} s ({self.compiled} programs); "
+        if not self.loaded:
+            return compiled + f"the slow ones are kept in {self.cache_dir} for a restart"
+        return compiled + (
             f"{self.loaded} programs came from the compilation cache {self.cache_dir} "
             f"({self.saved_seconds:.1f} s of compiling saved)"
         )

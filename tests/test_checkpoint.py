@@ -141,3 +141,20 @@ def test_a_background_save_keeps_the_state_of_its_moment(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
     assert restored_progress["epoch"] == 2 and again.latest_step("best") is None
     again.close()
+
+
+def test_orbax_advice_to_save_less_often_is_not_shown(caplog):
+    import logging
+
+    absl = logging.getLogger("absl")
+    with caplog.at_level(logging.INFO, logger="absl"):
+        with checkpoint._without_orbax_wait_notice():
+            # What orbax logs when a save waits for the one before (every epoch of a short run).
+            absl.warning("Waiting for previous save to complete took %f seconds. If this number "
+                         "is high, consider checkpointing less frequently.", 1.29)  # fmt: skip
+            absl.warning("Finished saving checkpoint")
+        absl.warning("Waiting for previous save to complete took 2.0 seconds.")  # outside: shown
+    assert [r.getMessage() for r in caplog.records] == [
+        "Finished saving checkpoint",
+        "Waiting for previous save to complete took 2.0 seconds.",
+    ]

@@ -79,8 +79,9 @@ def test_two_processes_train_and_resume_like_one(data_dir, tmp_path):
     # One coordinator address for both starts, as a restarted job has: it is part of the key of
     # every compiled program in JAX's cache.
     address = f"127.0.0.1:{free_port()}"
-    for out, _ in _two_processes([*command, "--max-steps", "4"], address):
-        assert "stopped at step 4" in out
+    (out0, err0), (out1, _) = _two_processes([*command, "--max-steps", "4"], address)
+    assert "stopped at step 4" in out0 and "stopped at step 4" in out1
+    assert f"kept in {shared / 'jax_cache'} for a restart" in err0
     (out0, err0), (out1, _) = _two_processes(command, address)
     assert "best validation accuracy" in out0 and "best validation accuracy" in out1
     # The restart reused the programs the first start compiled (W/jax_cache). Only process 0
