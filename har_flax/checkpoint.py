@@ -12,9 +12,7 @@ half-written model directory where a complete one is expected.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -27,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from har_flax.config import Config
+from har_flax.logs import without_absl_notices
 
 CONFIG_FILE = "config.json"
 LABELS_FILE = "labels.json"
@@ -178,6 +177,10 @@ def load_model(path: str | os.PathLike) -> tuple[Config, dict[str, Any], dict]:
 TRAIN_CHECKPOINTS_DIR = "checkpoints"
 _STATE_ITEM = "state"
 _PROGRESS_ITEM = "progress"
+# orbax's "Waiting for previous save to complete took ... consider checkpointing less
+# frequently", not shown: a run of short epochs (a small data set) waits for its previous save
+# every epoch, and har-train saves once per epoch, which is what it needs to resume.
+ORBAX_WAIT_NOTICE = "Waiting for previous save to complete"
 
 
 class TrainCheckpoints:
@@ -232,7 +235,7 @@ class TrainCheckpoints:
             # A copy: the caller goes on changing its dict while this is written.
             _PROGRESS_ITEM: ocp.args.JsonSave(json.loads(json.dumps(progress))),
         }
-        with _without_orbax_wait_notice():
+        with without_absl_notices(ORBAX_WAIT_NOTICE):
             manager.save(step, args=ocp.args.Composite(**args))
 
     def restore(self, which: str, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
@@ -274,23 +277,3 @@ class TrainCheckpoints:
         for manager in self._managers.values():
             manager.wait_until_finished()
             manager.close()
-
-
-class _OrbaxWaitNoticeFilter(logging.Filter):
-    """Drops orbax's "Waiting for previous save to complete took ... consider checkpointing less
-    frequently": a run of short epochs (a small data set) waits for its previous save every
-    epoch, and har-train saves once per epoch, which is what it needs to resume."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Waiting for previous save to complete" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _without_orbax_wait_notice():
-    """Filters :class:`_OrbaxWaitNoticeFilter`'s warning out of orbax's (absl) log for the block."""
-    logger, notice_filter = logging.getLogger("absl"), _OrbaxWaitNoticeFilter()
-    logger.addFilter(notice_filter)
-    try:
-        yield
-    finally:
-        logger.removeFilter(notice_filter)

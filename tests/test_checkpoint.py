@@ -9,6 +9,7 @@ import pytest
 
 from har_flax import checkpoint
 from har_flax.config import tiny
+from har_flax.logs import without_absl_notices
 
 CLASSES = ["calling", "clapping", "cycling"]
 
@@ -148,7 +149,7 @@ def test_orbax_advice_to_save_less_often_is_not_shown(caplog):
 
     absl = logging.getLogger("absl")
     with caplog.at_level(logging.INFO, logger="absl"):
-        with checkpoint._without_orbax_wait_notice():
+        with without_absl_notices(checkpoint.ORBAX_WAIT_NOTICE):
             # What orbax logs when a save waits for the one before (every epoch of a short run).
             absl.warning("Waiting for previous save to complete took %f seconds. If this number "
                          "is high, consider checkpointing less frequently.", 1.29)  # fmt: skip

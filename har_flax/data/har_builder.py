@@ -38,8 +38,14 @@ from etils import epath
 
 from har_flax import images
 from har_flax.data import kaggle
+from har_flax.logs import without_absl_notices
 
 log = logging.getLogger(__name__)
+
+# Two warnings tfds logs for every builder like ours; neither asks anything of a user.
+# "Using custom data configuration" (each prepared copy has its own config, made at run time)
+# and "Variant folder ... has no dataset_info.json" (a copy not prepared yet).
+_TFDS_NOTICES = ("Using custom data configuration", "has no dataset_info.json")
 
 NAME = "har_kaggle"
 # Chunk of rows decoded concurrently: bounds memory while keeping every worker busy.
@@ -255,7 +261,7 @@ def builder_for(
         image_size=image_size,
         description=f"{image_size}x{image_size} arrays of {os.fspath(data_dir)}",
     )
-    with _without_tfds_notices():
+    with without_absl_notices(*_TFDS_NOTICES):
         return HarKaggle(
             data_dir=os.fspath(tfds_dir),
             config=config,
@@ -305,7 +311,7 @@ def prepare(
         )
 
     ours = builder()
-    with _without_tfds_notices():
+    with without_absl_notices(*_TFDS_NOTICES):
         prepared = ours.is_prepared()
     if prepared:
         return ours
@@ -325,7 +331,7 @@ def prepare(
         # tfds prepares into a temporary folder and renames it at the end; another run sharing
         # tfds_dir (a sweep with one --download-dir) renamed the same copy first. Use theirs.
         theirs = builder()
-        with _without_tfds_notices():
+        with without_absl_notices(*_TFDS_NOTICES):
             if not theirs.is_prepared():
                 raise
         log.info("%s was prepared meanwhile by another run; using that copy", theirs.data_dir)
@@ -414,31 +420,6 @@ def _write_images_array(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-class _TfdsNoticeFilter(logging.Filter):
-    """Drops two warnings tfds logs for every builder like ours; neither asks anything of a user.
-
-    "Using custom data configuration" (each prepared copy has its own config, made at run
-    time) and "Variant folder ... has no dataset_info.json" (a copy not prepared yet).
-    """
-
-    NOTICES = ("Using custom data configuration", "has no dataset_info.json")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(notice in message for notice in self.NOTICES)
-
-
-@contextlib.contextmanager
-def _without_tfds_notices() -> Iterator[None]:
-    """Filters :class:`_TfdsNoticeFilter`'s warnings out of tfds' (absl) log for the block."""
-    logger, notice_filter = logging.getLogger("absl"), _TfdsNoticeFilter()
-    logger.addFilter(notice_filter)
-    try:
-        yield
-    finally:
-        logger.removeFilter(notice_filter)
 
 
 @contextlib.contextmanager
