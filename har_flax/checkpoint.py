@@ -191,8 +191,8 @@ class TrainCheckpoints:
     training goes on meanwhile. Each checkpoint appears on disk only when complete (orbax writes
     a temporary folder and renames it), so a run killed mid-save resumes from the one before.
     Every other method, and the next save of the same kind, first waits for the save in flight.
-    With several processes (multi-host), saves are synchronous, the mode the two-process test
-    has always passed with (with background saves it once failed at exit; docs/ARCHITECTURE.md).
+    The same holds with several processes (multi-host): there, the two managers' background
+    threads meet the other processes at barriers, so each manager names its own (see below).
     """
 
     def __init__(self, directory: str | os.PathLike):
@@ -203,9 +203,15 @@ class TrainCheckpoints:
                 options=ocp.CheckpointManagerOptions(
                     max_to_keep=1,
                     create=True,
-                    enable_async_checkpointing=jax.process_count() == 1,
+                    enable_async_checkpointing=True,
                     # The unfinished folder of a save cut off by a kill.
                     cleanup_tmp_directories=True,
+                    # Multi-host: orbax's barriers have fixed names, and a "best" save's
+                    # background thread would meet another process's "latest" thread at the
+                    # same one ("Barrier ... is already ongoing", then a hang).
+                    multiprocessing_options=ocp.options.MultiprocessingOptions(
+                        barrier_sync_key_prefix=f"har_{name}"
+                    ),
                 ),
                 item_names=(_STATE_ITEM, _PROGRESS_ITEM),
             )

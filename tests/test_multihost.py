@@ -47,7 +47,7 @@ def data_dir(tmp_path_factory):
     )
 
 
-def _two_processes(command: list[str], address: str) -> list[tuple[str, str]]:
+def _two_processes(command: list[str], address: str, timeout: float = 400) -> list[tuple[str, str]]:
     """Runs ``command`` as processes 0 and 1 of one distributed run; returns (stdout, stderr)."""
     procs = [
         subprocess.Popen(
@@ -63,7 +63,7 @@ def _two_processes(command: list[str], address: str) -> list[tuple[str, str]]:
         for i in range(2)
     ]
     try:
-        outs = [p.communicate(timeout=400) for p in procs]
+        outs = [p.communicate(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             p.kill()
@@ -108,3 +108,30 @@ def test_two_processes_train_and_resume_like_one(data_dir, tmp_path):
     assert sorted(os.listdir(shared / "model")) == sorted(os.listdir(one / "model"))
     assert sorted(os.listdir(shared / "checkpoints")) == sorted(os.listdir(one / "checkpoints"))
     assert (shared / "split.json").read_text() == (one / "split.json").read_text()
+
+
+def test_two_processes_save_best_and_latest_in_the_background(tmp_path):
+    # fit saves "best" and then "latest" at the end of an epoch, both in the background. Across
+    # processes, orbax's background threads meet at barriers with fixed names: without a name
+    # of its own per checkpoint kind, a "best" thread met another process's "latest" thread
+    # ("Barrier ThreadSaveMultiHostValueHolder:set_value_start is already ongoing"), and the
+    # run hung (every time, with 29 saves).
+    worker = os.path.join(REPO, "tests", "multihost_checkpoint_worker.py")
+    saves = 29
+    outs = _two_processes(
+        [sys.executable, worker, str(tmp_path / "checkpoints"), str(saves)],
+        f"127.0.0.1:{free_port()}",
+        timeout=120,
+    )
+    last_best = max(s for s in range(1, saves + 1) if s % 3)
+    for i, (out, _) in enumerate(outs):
+        read = json.loads(out.strip().splitlines()[-1])
+        assert read["process"] == i
+        for which, step in (("best", last_best), ("latest", saves)):
+            assert read[which] == {
+                "saved_step": step, "step": step, "w": [step, step], "progress": {"epoch": step}
+            }, which  # fmt: skip
+    # One copy on the shared disk, no unfinished folder left behind.
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["best", "latest"]
+    assert os.listdir(tmp_path / "checkpoints" / "latest") == [str(saves)]
+    assert os.listdir(tmp_path / "checkpoints" / "best") == [str(last_best)]
