@@ -13,6 +13,7 @@ Production runs the same two processes under systemd with gunicorn and nginx (de
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import subprocess
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     grpc_cmd = [sys.executable, "-m", "grpc_server.main", "--host", "127.0.0.1"]
     grpc_cmd += ["--port", str(args.grpc_port), "--max-batch-size", str(args.max_batch_size)]
     if args.model:
-        grpc_cmd += ["--model", args.model]
+        # The servers run from the repository; the path is the caller's, from where they are.
+        grpc_cmd += ["--model", os.path.abspath(args.model)]
     children: list[Child] = []
     code = 0
     try:

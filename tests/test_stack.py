@@ -454,10 +454,11 @@ def test_serve_all_starts_both_prints_the_url_and_stops_both_on_ctrl_c(tmp_path_
     model = support.tiny_model_dir(tmp_path_factory)
     log_path = tmp_path / "serve_all.log"
     log = log_path.open("wb")
+    # Started from outside the repository, with a model path relative to where it is started.
     proc = subprocess.Popen(
-        [sys.executable, str(support.REPO / "scripts/serve_all.py"), "--model", str(model),
+        [sys.executable, str(support.REPO / "scripts/serve_all.py"), "--model", model.name,
          "--port", "0", "--grpc-port", "0"],
-        cwd=support.REPO, stdout=log, stderr=subprocess.STDOUT,
+        cwd=model.parent, stdout=log, stderr=subprocess.STDOUT,
         env=support.env_without_proxies(),
     )  # fmt: skip
     try:
