@@ -16,7 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--classes", default="calling,clapping,cycling", help="comma-separated class names"
     )
-    parser.add_argument("--train-per-class", type=int, default=40)
+    parser.add_argument(
+        "--train-per-class",
+        type=int,
+        default=100,
+        help="labelled images per class (100: what the smoke run is tested on)",
+    )
     parser.add_argument("--test-count", type=int, default=12)
     parser.add_argument("--min-size", type=int, default=48, help="smallest image side (px)")
     parser.add_argument("--max-size", type=int, default=120, help="largest image side (px)")

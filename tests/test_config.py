@@ -17,12 +17,13 @@ from har_flax.config import (
     default,
     get_config,
     override,
+    smoke,
     tiny,
 )
 
 
 def test_presets():
-    assert sorted(PRESETS) == ["default", "tiny"]
+    assert sorted(PRESETS) == ["default", "smoke", "tiny"]
     d, t = get_config("default"), get_config("tiny")
     assert d == default() and t == tiny()
     # The DESIGN.md model: MobileNetV2 1.0 at 224 from the bundled weights, LSTM 128, 15 actions.
@@ -35,10 +36,15 @@ def test_presets():
     # tiny is small enough for tests: 3 classes, 32x32, width 0.35, no weights to load.
     assert (t.name, t.model.num_classes, t.model.image_size, t.model.width) == ("tiny", 3, 32, 0.35)
     assert t.model.pretrained == "none"
+    # smoke is tiny trained long enough to learn the synthetic set (tests/test_end_to_end.py).
+    s = get_config("smoke")
+    assert s == smoke() and s.name == "smoke" and s.model.image_size == 32
+    assert (s.train.epochs, s.train.augment, s.model.bn_momentum) == (30, False, 0.9)
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown config 'huge'; known: \['default', 'tiny'\]"):
+    known = r"\['default', 'smoke', 'tiny'\]"
+    with pytest.raises(ValueError, match=rf"unknown config 'huge'; known: {known}"):
         get_config("huge")
 
 
@@ -50,7 +56,7 @@ def test_configs_are_frozen():
         c.model.width = 2.0  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("preset", ["default", "tiny"])
+@pytest.mark.parametrize("preset", ["default", "smoke", "tiny"])
 def test_json_round_trip(preset):
     c = get_config(preset)
     text = c.to_json()

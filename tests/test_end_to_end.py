@@ -1,8 +1,9 @@
 """The user's path on a CPU: explore -> train -> checkpoint -> evaluate -> the Predictor classifies.
 
-Synthetic images in the exact Kaggle layout (3 classes, chance = 1/3), the ``tiny`` config, the
-console-script entry points called in process. The accuracy bar is far above chance: with
-VAL_IMAGES validation images, guessing reaches it with probability below 1e-4.
+Synthetic images in the exact Kaggle layout (3 classes, chance = 1/3), the ``smoke`` config
+(README's CPU smoke run), the console-script entry points called in process. The accuracy bar
+is far above chance: with 60 validation images, guessing reaches it with probability below
+1e-4.
 """
 
 from __future__ import annotations
@@ -21,18 +22,6 @@ from har_flax.data.synthetic import TEST_LABELS_CSV, render_image, write_synthet
 
 TRAIN_PER_CLASS = 100  # 240 train / 60 validation images after the 20% stratified split
 BAR = 0.8
-# Settings for a short CPU run from random initialisation (tiny has no ImageNet weights):
-# no dropout, label smoothing or augmentation (each slows fitting past a test's budget; the
-# augmentation has its own tests and test_train trains with it), and BatchNorm averages that
-# settle within the run's ~450 steps.
-OVERRIDES = [
-    "train.epochs=30",
-    "train.augment=false",
-    "model.head_dropout=0.0",
-    "model.lstm_dropout=0.0",
-    "train.label_smoothing=0.0",
-    "model.bn_momentum=0.9",
-]
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +29,8 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     data = write_synthetic_kaggle(root / "data", train_per_class=TRAIN_PER_CLASS, test_count=12)
     work, reports = root / "work", root / "reports"
-    args = ["--data-dir", str(data), "--workdir", str(work), "--config", "tiny", "--no-progress"]
-    for item in OVERRIDES:
-        args += ["--set", item]
+    # README's smoke run: the smoke preset (tiny for 30 epochs, from random initialisation).
+    args = ["--data-dir", str(data), "--workdir", str(work), "--config", "smoke", "--no-progress"]
     assert train_cli.main(args) == 0
     return data, work, reports, args
 

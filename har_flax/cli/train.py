@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workdir", required=True, type=Path, help="run directory W")
     parser.add_argument(
-        "--config", default="default", help="preset: default (224px, ImageNet weights) or tiny"
+        "--config",
+        default="default",
+        help="preset: default (224px, ImageNet weights), smoke (a 2-minute CPU run that learns "
+        "the synthetic set) or tiny (for tests)",
     )
     parser.add_argument(
         "--set",
