@@ -225,11 +225,16 @@ def test_a_record_that_is_not_the_listed_image_is_an_error_leaving_no_file(data_
     assert not any(".images-" in p for p in os.listdir(folder))  # no partial file, no temp
 
 
-def test_tfds_notices_that_ask_nothing_are_not_shown(data_dir, tmp_path, caplog):
+def test_tfds_notices_that_ask_nothing_are_not_shown(data_dir, tmp_path, caplog, capfd):
     with caplog.at_level(logging.INFO):
         prepare(data_dir, image_size=16, tfds_dir=tmp_path)  # first time: a folder without info
         prepare(data_dir, image_size=16, tfds_dir=tmp_path)
     assert "preparing" in caplog.text  # other messages pass
+    # tfds' "Downloading and preparing dataset Unknown size (download: Unknown size, ...)":
+    # nothing is downloaded.
+    out = capfd.readouterr().out
+    assert "Downloading" not in out and "downloaded" not in out and "Unknown size" not in out
+    assert f"prepared {tmp_path / 'har_kaggle'}" in caplog.text
     assert "Using custom data configuration" not in caplog.text
     assert "has no dataset_info.json" not in caplog.text
     assert not logging.getLogger("absl").filters  # the filter was only for those calls

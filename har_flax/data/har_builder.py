@@ -166,6 +166,15 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
     def image_size(self) -> int:
         return self.builder_config.image_size
 
+    # tfds prints "Downloading and preparing dataset Unknown size (download: Unknown size, ...)"
+    # and "... downloaded and prepared ..." to stdout; nothing is downloaded here, and
+    # prepare() logs where the copy goes.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        log.info("prepared %s", self.data_dir)
+
     def _info(self) -> tfds.core.DatasetInfo:
         s = self.image_size
         return tfds.core.DatasetInfo(
