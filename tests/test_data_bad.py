@@ -171,6 +171,19 @@ def test_missing_layout(data, tmp_path):
         load_splits(data, tmp_path, image_size=32, data_config=DataConfig())
 
 
+def test_a_layout_one_folder_down_is_named(data, tmp_path):
+    # What unzipping the Kaggle archive gives: the layout inside "Human Action Recognition/".
+    unzipped = tmp_path / "har"
+    unzipped.mkdir()
+    inner = data.rename(unzipped / "Human Action Recognition")
+    hint = re.escape(f"Training_set.csv is in '{inner}': use that folder as the data directory")
+    with pytest.raises(DataError, match=hint):
+        load_splits(unzipped, tmp_path / "w", image_size=32, data_config=DataConfig())
+    with pytest.raises(DataError, match=hint):  # two levels down
+        load_splits(tmp_path, tmp_path / "w", image_size=32, data_config=DataConfig())
+    assert len(load_splits(inner, tmp_path / "w", image_size=32, data_config=DataConfig()).train)
+
+
 def test_without_testing_set_the_test_split_is_empty(data, tmp_path):
     (data / "Testing_set.csv").unlink()
     splits = load_splits(data, tmp_path, image_size=32, data_config=DataConfig())

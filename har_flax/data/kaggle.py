@@ -138,6 +138,21 @@ def normalise_label(label: str) -> str:
     return re.sub(r"[\s\-]+", "_", label.strip().casefold())
 
 
+def _found_below_hint(path: Path) -> str:
+    """Where ``path``'s file is one or two folders further down, as a hint; else "".
+
+    Unzipping the Kaggle archive may add a folder (``Human Action Recognition/``) between the
+    directory a user names and the layout.
+    """
+    below = sorted(
+        {p.parent for pattern in ("*", "*/*") for p in path.parent.glob(f"{pattern}/{path.name}")}
+    )
+    if not below:
+        return ""
+    where = ", ".join(f"'{d}'" for d in below[:3]) + (" ..." if len(below) > 3 else "")
+    return f". {path.name} is in {where}: use that folder as the data directory (--data-dir)"
+
+
 def read_table(path: Path, columns: Sequence[str], *, split: str) -> CsvTable:
     """Reads one layout CSV and sorts its rows into good entries and issues.
 
@@ -158,6 +173,7 @@ def read_table(path: Path, columns: Sequence[str], *, split: str) -> CsvTable:
         raise DataError(
             f"{path} not found. Expected the Kaggle layout: Training_set.csv (filename,label), "
             "Testing_set.csv (filename), train/Image_N.jpg, test/Image_N.jpg"
+            + _found_below_hint(path)
         )
     try:
         # utf-8-sig: spreadsheet exports often start with a byte-order mark.
