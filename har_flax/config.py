@@ -94,6 +94,9 @@ class DataConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
+LR_SCHEDULES = ("cosine", "plateau")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Optimisation, schedule, augmentation and checkpointing."""
@@ -105,6 +108,14 @@ class TrainConfig:
     finetune_learning_rate: float = 1e-4  # Peak rate of stage 2 (whole network).
     head_only_epochs: int = 5  # Stage 1 epochs with the backbone frozen; 0 = single stage.
     warmup_epochs: float = 1.0
+    # After the warm-up, each stage's rate follows a cosine down to 1% of its peak ("cosine"),
+    # or stays at the peak and is multiplied by plateau_factor whenever the validation loss
+    # has not improved for plateau_patience epochs, down to plateau_min_scale x the peak
+    # ("plateau": Keras' ReduceLROnPlateau, with optax.contrib.reduce_on_plateau's rule).
+    lr_schedule: str = "cosine"
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
+    plateau_min_scale: float = 0.01
     weight_decay: float = 1e-4  # AdamW decoupled weight decay.
     label_smoothing: float = 0.1
     early_stopping_patience: int = 7  # Epochs without val-accuracy gain before stopping.
@@ -115,9 +126,22 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
 
     def __post_init__(self):
-        for name in ("batch_size", "epochs", "log_every_steps", "max_nonfinite_steps"):
+        for name in (
+            "batch_size", "epochs", "log_every_steps", "max_nonfinite_steps", "plateau_patience"
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                f"got {self.lr_schedule!r}"
+            )
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise ValueError(f"train.plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        if not 0.0 <= self.plateau_min_scale <= 1.0:
+            raise ValueError(
+                f"train.plateau_min_scale must be in [0, 1], got {self.plateau_min_scale}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -83,8 +83,14 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return steps
 
 
-def _warmup_cosine(peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+def _warmup_then(peak: float, warmup_steps: int, total_steps: int, kind: str) -> optax.Schedule:
+    """A linear warm-up from 0 to ``peak``, then a cosine to 1% of it, or ``peak`` held."""
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    if kind == "plateau":  # held; the plateau rule scales it (scale_by_plateau)
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, warmup_steps), optax.constant_schedule(peak)],
+            [warmup_steps],
+        )
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=peak,
@@ -102,16 +108,19 @@ def learning_rate_schedules(
     One stage: both warm up to ``learning_rate`` and decay with a cosine. Two stages
     (``head_only_epochs > 0``): stage 1 trains the head at ``learning_rate`` while the backbone's
     rate is 0; stage 2 warms everything up again to ``finetune_learning_rate`` and decays.
+    With ``lr_schedule="plateau"`` the rates do not decay: they stay at the peak, and
+    :func:`scale_by_plateau` scales them by what the validation loss says.
     """
     total = config.epochs * steps_per_epoch
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     stage1 = min(config.head_only_epochs, config.epochs) * steps_per_epoch
+    kind = config.lr_schedule
     if stage1 == 0:
-        single = _warmup_cosine(config.learning_rate, warmup, total)
+        single = _warmup_then(config.learning_rate, warmup, total, kind)
         return single, single
-    stage2 = _warmup_cosine(config.finetune_learning_rate, warmup, max(total - stage1, 1))
+    stage2 = _warmup_then(config.finetune_learning_rate, warmup, max(total - stage1, 1), kind)
     head = optax.join_schedules(
-        [_warmup_cosine(config.learning_rate, warmup, stage1), stage2], [stage1]
+        [_warmup_then(config.learning_rate, warmup, stage1, kind), stage2], [stage1]
     )
     backbone = optax.join_schedules([optax.constant_schedule(0.0), stage2], [stage1])
     return head, backbone
@@ -125,8 +134,36 @@ def _param_groups(params: Any) -> Any:
     }
 
 
+def _plateau_rule(config: TrainConfig) -> optax.GradientTransformationExtraArgs:
+    # Fed one validation loss per epoch (accumulation_size 1), as Keras' ReduceLROnPlateau is.
+    return optax.contrib.reduce_on_plateau(
+        factor=config.plateau_factor,
+        patience=config.plateau_patience,
+        min_scale=config.plateau_min_scale,
+    )
+
+
+def scale_by_plateau(config: TrainConfig) -> optax.GradientTransformation:
+    """Multiplies the updates by the scale of a reduce-on-plateau state it carries.
+
+    The train step only reads the scale (a step sees no validation loss); :func:`fit` advances
+    the state once per epoch with the validation loss (:func:`_advance_plateau`). The state is
+    part of the optimiser state, so checkpoints keep it and a resumed run goes on with it.
+    """
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u: state.scale * u, updates), state
+
+    return optax.GradientTransformation(_plateau_rule(config).init, update)
+
+
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """AdamW per parameter group; weight decay only on kernels (not biases or BatchNorm)."""
+    """AdamW per parameter group; weight decay only on kernels (not biases or BatchNorm).
+
+    With ``lr_schedule="plateau"``: ``chain(that, scale_by_plateau)``, whose state is
+    ``(groups, ReduceLROnPlateauState)``.
+    """
     head, backbone = learning_rate_schedules(config, steps_per_epoch)
 
     def decay_mask(params):
@@ -135,7 +172,39 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
     def adamw(schedule):
         return optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask)
 
-    return optax.multi_transform({"head": adamw(head), "backbone": adamw(backbone)}, _param_groups)
+    groups = optax.multi_transform(
+        {"head": adamw(head), "backbone": adamw(backbone)}, _param_groups
+    )
+    if config.lr_schedule == "plateau":
+        return optax.chain(groups, scale_by_plateau(config))
+    return groups
+
+
+def plateau_scale(config: TrainConfig, opt_state: Any) -> jax.Array | float:
+    """The factor the plateau rule applies to the scheduled rates now (1.0 for "cosine")."""
+    return opt_state[1].scale if config.lr_schedule == "plateau" else 1.0
+
+
+def _advance_plateau(
+    config: TrainConfig, state: TrainState, val_loss: float, *, restart: bool
+) -> TrainState:
+    """The plateau rule after an epoch with validation loss ``val_loss`` (``restart``: a new
+    stage begins, so the rule starts over at scale 1)."""
+    groups, plateau = state.opt_state
+    rule = _plateau_rule(config)
+    # On the host: every process computes the same (the validation loss is the same on all).
+    plateau = jax.device_get(plateau)
+    if restart:
+        plateau = rule.init(jax.device_get(state.params))
+    else:
+        _, plateau = rule.update(jnp.zeros(()), plateau, value=val_loss)
+    plateau = jax.device_get(plateau)
+    new = jax.tree.map(
+        lambda x, old: jax.device_put(np.asarray(x, dtype=old.dtype), old.sharding),
+        plateau,
+        state.opt_state[1],
+    )
+    return state.replace(opt_state=(groups, new))
 
 
 def create_train_state(
@@ -213,7 +282,7 @@ def _train_step(
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-        "learning_rate": head_schedule(state.step),
+        "learning_rate": head_schedule(state.step) * plateau_scale(config.train, state.opt_state),
         "grad_norm": grad_norm,
         "skipped": jnp.logical_not(finite),
         "step": state.step,
@@ -586,6 +655,22 @@ def _fit(
                     f"finite ({val_loss}); nothing from this epoch was saved or exported. "
                     + DIVERGENCE_REMEDIES
                 )
+            if tc.lr_schedule == "plateau":
+                before = float(jax.device_get(plateau_scale(tc, state.opt_state)))
+                # Stage 2 starts at its own peak rate: the rule starts over there.
+                state = _advance_plateau(
+                    tc, state, val_loss, restart=epoch + 1 == tc.head_only_epochs
+                )
+                after = float(jax.device_get(plateau_scale(tc, state.opt_state)))
+                if after < before:
+                    log.info(
+                        "validation loss not lower for %d epoch%s: learning rate x%g, now %g "
+                        "of the peak",
+                        tc.plateau_patience,
+                        "" if tc.plateau_patience == 1 else "s",
+                        tc.plateau_factor,
+                        after,
+                    )
             sums = progress["sums"]
             n = max(sums["steps"], 1)
             record = {

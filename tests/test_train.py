@@ -55,6 +55,78 @@ def test_two_stage_schedules():
     assert float(single_backbone(10)) == float(single_head(10)) == pytest.approx(1e-2)
 
 
+def test_plateau_schedules_hold_the_peak_after_the_warm_up():
+    cfg = TrainConfig(epochs=4, head_only_epochs=2, warmup_epochs=0.5, learning_rate=1e-2,
+                      finetune_learning_rate=1e-3, lr_schedule="plateau")  # fmt: skip
+    head, backbone = train.learning_rate_schedules(cfg, steps_per_epoch=10)
+    assert float(head(0)) == 0.0 and float(head(5)) == pytest.approx(1e-2, rel=1e-3)
+    assert float(head(19)) == pytest.approx(1e-2)  # no decay: the plateau rule scales it
+    assert float(backbone(19)) == 0.0 and float(backbone(20)) == 0.0  # stage 2 warms up again
+    assert float(head(39)) == float(backbone(39)) == pytest.approx(1e-3)
+
+
+def test_the_plateau_rule_advances_once_per_epoch_and_restarts_for_stage_two():
+    cfg = override(CONFIG, {"train.lr_schedule": "plateau", "train.plateau_patience": 2})
+    params = {"backbone": {"kernel": np.ones((2, 2), np.float32)}, "logits": {"bias": np.ones(2)}}
+    tx = train.make_optimizer(cfg.train, 4)
+    state = train.TrainState.create(apply_fn=None, params=params, batch_stats={}, tx=tx)
+    scales = []
+    for val_loss in (1.0, 0.9, 0.9, 0.95, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8):
+        state = train._advance_plateau(cfg.train, state, val_loss, restart=False)
+        scales.append(float(train.plateau_scale(cfg.train, state.opt_state)))
+    # Halved after 2 epochs without a lower loss, then after 2 more, ... down to 1% of the peak.
+    assert scales == [1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125, 0.0625, 0.0625,
+                      0.03125, 0.03125]  # fmt: skip
+    for _ in range(6):
+        state = train._advance_plateau(cfg.train, state, 0.8, restart=False)
+    assert float(train.plateau_scale(cfg.train, state.opt_state)) == pytest.approx(0.01)
+    state = train._advance_plateau(cfg.train, state, 0.8, restart=True)
+    assert float(train.plateau_scale(cfg.train, state.opt_state)) == 1.0
+    assert float(train.plateau_scale(CONFIG.train, state.opt_state)) == 1.0  # "cosine"
+
+
+def _keras_plateau_scales(val_losses, factor, patience, min_scale, rtol=1e-4):
+    """The scale in force during each epoch, by Keras' ReduceLROnPlateau (mode "min")."""
+    scale, best, wait, scales = 1.0, float("inf"), 0, []
+    for loss in val_losses:
+        scales.append(scale)
+        if loss < best * (1 - rtol):
+            best, wait = loss, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                scale, wait = max(scale * factor, min_scale), 0
+    return scales
+
+
+def test_plateau_run_lowers_its_rate_as_keras_would_and_resumes_exactly(splits, tmp_path, caplog):
+    cfg = override(
+        CONFIG, {"train.lr_schedule": "plateau", "train.plateau_patience": 1, "train.epochs": 4}
+    )
+    with caplog.at_level(logging.INFO, logger="har_flax.train"):
+        whole = train.fit(cfg, tmp_path / "whole", splits=splits, progress_bar=False)
+    tc = cfg.train
+    scales = _keras_plateau_scales([r["val_loss"] for r in whole.history], tc.plateau_factor,
+                                   tc.plateau_patience, tc.plateau_min_scale)  # fmt: skip
+    assert scales[-1] < 1, scales  # this run's validation loss stalls, so the rate came down
+    assert [r["learning_rate"] for r in whole.history] == pytest.approx(
+        [tc.learning_rate * s for s in scales], rel=1e-6
+    )
+    assert "validation loss not lower for 1 epoch: learning rate x0.5" in caplog.text
+
+    # The rule's state is part of the checkpoint: stopped in epoch 2 and resumed, the run ends
+    # where the uninterrupted one did.
+    parts = tmp_path / "parts"
+    assert train.fit(cfg, parts, splits=splits, max_steps=6, progress_bar=False).interrupted
+    resumed = train.fit(cfg, parts, splits=splits, progress_bar=False)
+    assert _strip(resumed.history) == _strip(whole.history)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.device_get((resumed.state.params, resumed.state.opt_state)),
+        jax.device_get((whole.state.params, whole.state.opt_state)),
+    )
+
+
 def test_frozen_stage_changes_the_head_only(splits):
     state = train.create_train_state(CONFIG, 4)
     images, labels = splits.train.get_batch(np.arange(8))
