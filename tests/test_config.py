@@ -177,6 +177,14 @@ def test_override_errors_name_the_key(overrides, message):
         (ModelConfig, {"lstm_dropout": 1.0}, r"lstm_dropout must be in \[0, 1\)"),
         (ModelConfig, {"head_dropout": -0.1}, r"head_dropout must be in \[0, 1\)"),
         (DataConfig, {"val_fraction": 0.0}, r"val_fraction must be in \(0, 1\)"),
+        (
+            TrainConfig,
+            {"lr_schedule": "step"},
+            "lr_schedule must be one of cosine, plateau, got 'step'",
+        ),
+        (TrainConfig, {"plateau_factor": 1.0}, r"plateau_factor must be in \(0, 1\), got 1.0"),
+        (TrainConfig, {"plateau_patience": 0}, "plateau_patience must be at least 1, got 0"),
+        (TrainConfig, {"plateau_min_scale": -0.1}, r"plateau_min_scale must be in \[0, 1\]"),
     ],
 )
 def test_validation_errors(cls, kwargs, message):
