@@ -23,9 +23,11 @@ from har_flax.data.synthetic import write_synthetic_kaggle
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAR_TRAIN = os.path.join(os.path.dirname(sys.executable), "har-train")
 # A small learning rate keeps the comparison about the distribution (see test_sharding.py).
+# The plateau schedule: its rule runs on the host between epochs, on every process.
 SETTINGS = ["--config", "tiny", "--no-progress", "--set", "train.batch_size=8",
             "--set", "train.epochs=2", "--set", "train.learning_rate=1e-4",
-            "--set", "model.bn_momentum=0.9", "--set", "model.depthwise_impl=conv"]  # fmt: skip
+            "--set", "model.bn_momentum=0.9", "--set", "model.depthwise_impl=conv",
+            "--set", "train.lr_schedule=plateau", "--set", "train.plateau_patience=1"]  # fmt: skip
 
 
 def _env(devices: int, **extra: str) -> dict[str, str]:
