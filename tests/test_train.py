@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import re
+import signal
 
 import jax
 import numpy as np
@@ -211,6 +214,59 @@ def test_resume_ends_where_an_uninterrupted_run_ends(splits, tmp_path, caplog):
             "val_accuracy",
             "images_per_sec",
         }
+
+
+class _SignalAt:
+    """A training source that sends this process ``signum`` when batch ``n`` is read: what a
+    cloud preemption (SIGTERM) or Ctrl-C (SIGINT) does to a run at an arbitrary moment."""
+
+    def __init__(self, source, n, signum):
+        self.source, self.n, self.signum, self.reads = source, n, signum, 0
+        self.labels = source.labels
+
+    def __len__(self):
+        return len(self.source)
+
+    def get_batch(self, indices):
+        self.reads += 1
+        if self.reads == self.n:
+            os.kill(os.getpid(), self.signum)
+        return self.source.get_batch(indices)
+
+
+def test_a_signal_saves_a_checkpoint_and_stops_and_the_run_resumes(splits, tmp_path, caplog):
+    signum = signal.SIGTERM  # a preemption; Ctrl-C's SIGINT takes the same path (below)
+    work = tmp_path / "w"
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    stopped = dataclasses.replace(splits, train=_SignalAt(splits.train, 6, signum))
+    with caplog.at_level(logging.INFO, logger="har_flax.train"):
+        first = train.fit(CONFIG, work, splits=stopped, progress_bar=False)
+    step = int(first.state.step)
+    # Stopped within epoch 2 (batch 6 is read ahead of its step), not at the end of the run.
+    assert first.interrupted and not first.finished and 4 <= step < 12, step
+    assert f"signal {signum}: saving a checkpoint and stopping" in caplog.text
+    assert f"stopped at step {step}; run again to resume" in caplog.text
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    assert [p.name for p in (work / "checkpoints" / "latest").iterdir()] == [str(step)]
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="har_flax.train"):
+        resumed = train.fit(CONFIG, work, splits=splits, progress_bar=False)
+    assert f"resuming from step {step}" in caplog.text
+    assert resumed.finished and int(resumed.state.step) == 12
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+
+
+def test_ctrl_c_asks_to_stop_and_a_second_one_interrupts(caplog):
+    before = signal.getsignal(signal.SIGINT)
+    with caplog.at_level(logging.WARNING), train._stop_on_signal() as stop_requested:
+        assert not stop_requested()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop_requested()  # the loop checkpoints and stops at its next step
+        assert f"signal {signal.SIGINT}: saving a checkpoint and stopping" in caplog.text
+        with pytest.raises(KeyboardInterrupt):  # impatient: the second one is Python's own
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) == before
 
 
 def test_early_stopping_and_model_mismatch(splits, tmp_path):
