@@ -967,21 +967,29 @@ def _export_best(
 
 
 def plot_curves(history: list[dict], path: str | Path) -> None:
-    """Loss and accuracy per epoch (train and validation) as a PNG, written atomically."""
+    """Loss and accuracy per epoch (train and validation), and the learning rate at each
+    epoch's end (where the schedule, or the plateau rule, took it), as a PNG written
+    atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "accuracy", "accuracy")):
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label="train")
         ax.plot(epochs, [r[f"val_{key}"] for r in history], "o-", label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
+        ax.set_title(key)
         ax.legend()
+    rates = [r["learning_rate"] for r in history]
+    ax_lr.plot(epochs, rates, "o-", color="tab:green")
+    if min(rates) > 0:
+        ax_lr.set_yscale("log")
+    ax_lr.set_title("learning rate (head, end of epoch)")
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
