@@ -9,10 +9,12 @@
 # process with its own time limit, so one failure or timeout does not lose the others; each
 # writes its JSON/log to OUT_DIR, and a summary table is printed last. All sections take more
 # than one 10-minute device call (each train-step variant compiled for about 90 s on an H200),
-# and a lease has 15 minutes in all, machine start included. So a lease runs them as two
-# back-to-back calls (the machine stays warm between them), the figures first:
-#   SECTIONS="grad_probe train_default torch_eager torch_compile predict" scripts/bench_gpu.sh "$OUT"
-#   SECTIONS="train_frozen_bn train_no_augment train_conv" scripts/bench_gpu.sh "$OUT"
+# and a lease has 15 minutes in all, machine start included. So a lease runs them as
+# back-to-back calls (the machine stays warm between them), the figures first; the
+# first call's limits add up to 340 s, so it cannot run into the 600 s call limit:
+#   SECTIONS="grad_probe train_default torch_eager" scripts/bench_gpu.sh "$OUT"
+#   SECTIONS="torch_compile predict train_frozen_bn" scripts/bench_gpu.sh "$OUT"
+#   SECTIONS="train_no_augment train_conv" scripts/bench_gpu.sh "$OUT"    (if time is left)
 # Compiled programs are cached in /tmp/har-jax-cache, so a rerun on a warm machine skips them.
 #
 # The inference benchmark ports the bundled TFLite weights, which needs the pure-Python `tflite`
