@@ -253,6 +253,7 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
         meta = self.info.metadata
         meta["skipped"] = meta["skipped"] + [i.to_dict() for i in bad]
         meta["stored"] = {**meta["stored"], split: stored}
+        log.info("writing the %s split's %d images as array_record shards", split, len(stored))
 
 
 def builder_for(
@@ -297,7 +298,7 @@ def prepare(
       tfds_dir: where prepared copies are kept (a tfds ``data_dir``).
       skip_bad_images: skip and list bad rows/images instead of raising.
       workers: decoding threads.
-      progress: show progress bars while building (ours and tensorflow-datasets' own).
+      progress: show the decoding progress bars while building.
 
     Returns:
       The prepared builder; ``as_data_source(split)`` reads it by random access.
@@ -326,7 +327,9 @@ def prepare(
         return ours
     log.info("preparing %s at %dpx into %s", data_dir, image_size, ours.data_dir)
     try:
-        with _tfds_progress_bars(progress), _tfds_shuffle_in_memory():
+        # Our decoding bars only: tfds' own ("Generating splits", "Generating train examples"
+        # stuck at 0 as ours count, "Shuffling <a 200-character file pattern>") add nothing.
+        with _without_tfds_progress_bars(), _tfds_shuffle_in_memory():
             ours.download_and_prepare(
                 file_format="array_record",
                 download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir)),
@@ -452,12 +455,12 @@ def _tfds_shuffle_in_memory() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _tfds_progress_bars(enable: bool) -> Iterator[None]:
-    """tensorflow-datasets' own bars on or off for the block (their switch is process-wide)."""
+def _without_tfds_progress_bars() -> Iterator[None]:
+    """tensorflow-datasets' own bars off for the block (their switch is process-wide)."""
     from tensorflow_datasets.core.utils import tqdm_utils  # noqa: PLC0415
 
     before = tqdm_utils._active  # noqa: SLF001 (tfds has a setter but no getter)
-    tfds.display_progress_bar(enable)
+    tfds.display_progress_bar(False)
     try:
         yield
     finally:
