@@ -190,19 +190,15 @@ def _advance_plateau(
 ) -> TrainState:
     """The plateau rule after an epoch with validation loss ``val_loss`` (``restart``: a new
     stage begins, so the rule starts over at scale 1)."""
-    groups, plateau = state.opt_state
+    groups, old = state.opt_state
     rule = _plateau_rule(config)
-    # On the host: every process computes the same (the validation loss is the same on all).
-    plateau = jax.device_get(plateau)
     if restart:
-        plateau = rule.init(jax.device_get(state.params))
+        new = rule.init(state.params)  # reads the parameters' dtypes only
     else:
-        _, plateau = rule.update(jnp.zeros(()), plateau, value=val_loss)
-    plateau = jax.device_get(plateau)
+        # On the host: every process computes the same (the validation loss is the same on all).
+        _, new = rule.update(jnp.zeros(()), jax.device_get(old), value=val_loss)
     new = jax.tree.map(
-        lambda x, old: jax.device_put(np.asarray(x, dtype=old.dtype), old.sharding),
-        plateau,
-        state.opt_state[1],
+        lambda x, o: jax.device_put(np.asarray(x, dtype=o.dtype), o.sharding), new, old
     )
     return state.replace(opt_state=(groups, new))
 
