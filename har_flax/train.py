@@ -158,8 +158,12 @@ def scale_by_plateau(config: TrainConfig) -> optax.GradientTransformation:
     return optax.GradientTransformation(_plateau_rule(config).init, update)
 
 
+@functools.lru_cache(maxsize=16)
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """AdamW per parameter group; weight decay only on kernels (not biases or BatchNorm).
+
+    Cached: the optimiser is part of a train state's static structure, so a second run in one
+    process with the same settings gets the same one, and the jitted steps are not traced again.
 
     With ``lr_schedule="plateau"``: ``chain(that, scale_by_plateau)``, whose state is
     ``(groups, ReduceLROnPlateauState)``.

@@ -157,9 +157,15 @@ def test_resume_ends_where_an_uninterrupted_run_ends(splits, tmp_path, caplog):
 
     # Stopped in the middle of epoch 2 (step 6 of 12), then the same call again, twice.
     parts = tmp_path / "parts"
-    first = train.fit(CONFIG, parts, splits=splits, max_steps=6, progress_bar=False)
+    with caplog.at_level(logging.INFO, logger="har_flax.train"):
+        first = train.fit(CONFIG, parts, splits=splits, max_steps=6, progress_bar=False)
     assert first.interrupted and not first.finished and int(first.state.step) == 6
     assert [r["epoch"] for r in first.history] == [1]
+    # A second run of one configuration in a process reuses the programs in memory.
+    assert "compil" not in caplog.text, caplog.text
+    caplog.clear()
+
+    jax.clear_caches()  # as in a new process: no compiled program in memory
     with caplog.at_level(logging.INFO, logger="har_flax.train"):
         resumed = train.fit(CONFIG, parts, splits=splits, progress_bar=False)
     assert resumed.finished and int(resumed.state.step) == 12

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -12,8 +14,13 @@ from har_flax.models.mobilenet_v2 import MobileNetV2
 __all__ = ["CNNLSTM", "FrameClassifier", "MobileNetV2", "create_model", "init_variables"]
 
 
+@functools.lru_cache(maxsize=8)
 def create_model(config: ModelConfig) -> CNNLSTM:
-    """The CNN-LSTM that ``config`` describes."""
+    """The CNN-LSTM that ``config`` describes.
+
+    Cached: one config gives the same (immutable) module, so a train state's ``apply_fn`` is
+    the same too, and a second run in one process reuses the jitted steps without tracing.
+    """
     return CNNLSTM(
         num_classes=config.num_classes,
         width=config.width,
@@ -34,6 +41,12 @@ def init_variables(config: ModelConfig, rng: jax.Array) -> dict:
 
     Pretrained backbone weights are put in by :func:`har_flax.weights.load_pretrained_backbone`.
     """
+    return _init_fn(config)(rng)
+
+
+@functools.lru_cache(maxsize=8)
+def _init_fn(config: ModelConfig):
+    # Cached, so that a second model of one config in a process is not traced and compiled again.
     model = create_model(config)
     frames = jnp.zeros((1, 1, config.image_size, config.image_size, 3), jnp.uint8)
-    return jax.jit(lambda r: model.init(r, frames, train=False))(rng)
+    return jax.jit(lambda rng: model.init(rng, frames, train=False))
