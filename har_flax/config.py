@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from typing import Any
 
 # The 15 actions of the Kaggle "Human Action Recognition" dataset, in sorted order. Class names
@@ -20,6 +22,53 @@ HAR_ACTIONS: tuple[str, ...] = (
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEPTHWISE_IMPLS = ("auto", "conv", "gemm", "shift")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """ValueError naming ``name`` unless ``value`` is an integer in [low, high]."""
+    if not _is_int(value):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if high is None and value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+    if high is not None and not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+
+
+def _check_float(
+    name: str,
+    value: Any,
+    low: float,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """ValueError naming ``name`` unless ``value`` is a finite number in the range.
+
+    The range is ``[low, high]``, open at either end with ``low_open``/``high_open``; no
+    ``high``: at least (or above) ``low``. NaN and infinities are always refused.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    above = value > low if low_open else value >= low
+    below = high is None or (value < high if high_open else value <= high)
+    if math.isfinite(value) and above and below:
+        return
+    if high is None:
+        allowed = f"finite and {'>' if low_open else '>='} {low:g}"
+    else:
+        allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def _check_bool(name: str, value: Any, alternative: str = "") -> None:
+    if not isinstance(value, bool):
+        allowed = f"true, false or {alternative}" if alternative else "true or false"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,34 +100,38 @@ class ModelConfig:
         return self.freeze_backbone_batchnorm
 
     def __post_init__(self):
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
-        if self.width <= 0:
-            raise ValueError(f"width must be positive, got {self.width}")
-        if self.image_size < 32:
-            raise ValueError(f"image_size must be at least 32, got {self.image_size}")
-        if self.num_frames < 1:
-            raise ValueError(f"num_frames must be at least 1, got {self.num_frames}")
+        _check_int("model.num_classes", self.num_classes, 2)
+        _check_float("model.width", self.width, 0.0, low_open=True)
+        _check_int("model.image_size", self.image_size, 32)
+        _check_int("model.num_frames", self.num_frames, 1)
+        _check_int("model.lstm_units", self.lstm_units, 1)
+        if not isinstance(self.head_units, tuple) or not all(
+            _is_int(u) and u >= 1 for u in self.head_units
+        ):
+            # () is allowed: no hidden head blocks, the logits layer reads the LSTM state.
+            raise ValueError(
+                f"model.head_units must be a tuple of integers, each at least 1, "
+                f"got {self.head_units!r}"
+            )
+        for name in ("lstm_dropout", "head_dropout", "bn_momentum"):
+            _check_float(f"model.{name}", getattr(self, name), 0.0, 1.0, high_open=True)
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.param_dtype != "float32":
             # DESIGN.md: float32 parameters, reduced-precision compute only (dtype="bfloat16").
             raise ValueError(
-                f"param_dtype must be 'float32', got {self.param_dtype!r}; "
+                f"model.param_dtype must be 'float32', got {self.param_dtype!r}; "
                 "for mixed precision set dtype='bfloat16' instead"
             )
         if self.depthwise_impl not in DEPTHWISE_IMPLS:
             raise ValueError(
-                f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {self.depthwise_impl!r}"
+                f"model.depthwise_impl must be one of {DEPTHWISE_IMPLS}, "
+                f"got {self.depthwise_impl!r}"
             )
-        if self.freeze_backbone_batchnorm not in (None, True, False):
-            raise ValueError(
-                "freeze_backbone_batchnorm must be true, false or None (auto), "
-                f"got {self.freeze_backbone_batchnorm!r}"
+        if self.freeze_backbone_batchnorm is not None:
+            _check_bool(
+                "model.freeze_backbone_batchnorm", self.freeze_backbone_batchnorm, "None (auto)"
             )
-        for name in ("lstm_dropout", "head_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,8 +143,11 @@ class DataConfig:
     skip_bad_images: bool = False  # Skip (and report) unreadable images instead of failing.
 
     def __post_init__(self):
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        _check_float(
+            "data.val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True
+        )
+        _check_int("data.split_seed", self.split_seed, 0)
+        _check_bool("data.skip_bad_images", self.skip_bad_images)
 
 
 LR_SCHEDULES = ("cosine", "plateau")
@@ -126,22 +182,30 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
 
     def __post_init__(self):
+        # jax.random.key takes a signed 64-bit seed.
+        _check_int("train.seed", self.seed, 0, 2**63 - 1)
         for name in (
-            "batch_size", "epochs", "log_every_steps", "max_nonfinite_steps", "plateau_patience"
+            "batch_size", "epochs", "log_every_steps", "max_nonfinite_steps", "plateau_patience",
+            "early_stopping_patience",
         ):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+            _check_int(f"train.{name}", getattr(self, name), 1)
+        # More head-only epochs than epochs is allowed: the whole run is stage 1.
+        _check_int("train.head_only_epochs", self.head_only_epochs, 0)
+        for name in ("learning_rate", "finetune_learning_rate"):
+            _check_float(f"train.{name}", getattr(self, name), 0.0, low_open=True)
+        for name in ("warmup_epochs", "weight_decay"):
+            _check_float(f"train.{name}", getattr(self, name), 0.0)
+        _check_float("train.label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(
                 f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
                 f"got {self.lr_schedule!r}"
             )
-        if not 0.0 < self.plateau_factor < 1.0:
-            raise ValueError(f"train.plateau_factor must be in (0, 1), got {self.plateau_factor}")
-        if not 0.0 <= self.plateau_min_scale <= 1.0:
-            raise ValueError(
-                f"train.plateau_min_scale must be in [0, 1], got {self.plateau_min_scale}"
-            )
+        _check_float(
+            "train.plateau_factor", self.plateau_factor, 0.0, 1.0, low_open=True, high_open=True
+        )
+        _check_float("train.plateau_min_scale", self.plateau_min_scale, 0.0, 1.0)
+        _check_bool("train.augment", self.augment)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

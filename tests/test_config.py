@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from har_flax.config import (
@@ -167,7 +168,7 @@ def test_override_errors_name_the_key(overrides, message):
     ("cls", "kwargs", "message"),
     [
         (ModelConfig, {"num_classes": 1}, "num_classes must be at least 2"),
-        (ModelConfig, {"width": 0.0}, "width must be positive"),
+        (ModelConfig, {"width": 0.0}, r"model.width must be finite and > 0, got 0.0"),
         (ModelConfig, {"image_size": 16}, "image_size must be at least 32"),
         (ModelConfig, {"num_frames": 0}, "num_frames must be at least 1"),
         (ModelConfig, {"dtype": "float64"}, r"dtype must be one of \('float32'"),
@@ -191,6 +192,147 @@ def test_validation_errors(cls, kwargs, message):
     with pytest.raises(ValueError, match=message):
         cls(**kwargs)
     cls()  # The defaults themselves are valid.
+
+
+# Each refused as the CLI's --set passes it (a string), with a message naming the setting and
+# what it allows; har-train turns these into "har-train: error: ..." with exit status 2.
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("model.lstm_units", "0", "model.lstm_units must be at least 1, got 0"),
+        (
+            "model.head_units",
+            "256,0",
+            r"model.head_units must be a tuple of integers, each at least 1",
+        ),
+        ("model.head_units", "-4", r"model.head_units must be .*, got \(-4,\)"),
+        ("model.width", "nan", r"model.width must be finite and > 0, got nan"),
+        ("model.width", "inf", r"model.width must be finite and > 0, got inf"),
+        ("model.width", "-1", r"model.width must be finite and > 0, got -1.0"),
+        ("model.num_classes", "1", "model.num_classes must be at least 2, got 1"),
+        ("model.image_size", "31", "model.image_size must be at least 32, got 31"),
+        ("model.num_frames", "0", "model.num_frames must be at least 1, got 0"),
+        ("model.bn_momentum", "2", r"model.bn_momentum must be in \[0, 1\), got 2.0"),
+        ("model.bn_momentum", "1", r"model.bn_momentum must be in \[0, 1\), got 1.0"),
+        ("model.bn_momentum", "-0.1", r"model.bn_momentum must be in \[0, 1\)"),
+        ("model.bn_momentum", "nan", r"model.bn_momentum must be in \[0, 1\), got nan"),
+        ("model.lstm_dropout", "1", r"model.lstm_dropout must be in \[0, 1\), got 1.0"),
+        ("model.lstm_dropout", "nan", r"model.lstm_dropout must be in \[0, 1\), got nan"),
+        ("model.head_dropout", "-0.1", r"model.head_dropout must be in \[0, 1\), got -0.1"),
+        ("data.split_seed", "-1", "data.split_seed must be at least 0, got -1"),
+        ("data.val_fraction", "nan", r"data.val_fraction must be in \(0, 1\), got nan"),
+        ("data.val_fraction", "1", r"data.val_fraction must be in \(0, 1\), got 1.0"),
+        ("train.seed", "-1", r"train.seed must be in \[0, 9223372036854775807\], got -1"),
+        ("train.seed", str(2**63), r"train.seed must be in \[0, 9223372036854775807\]"),
+        ("train.learning_rate", "nan", "train.learning_rate must be finite and > 0, got nan"),
+        ("train.learning_rate", "inf", "train.learning_rate must be finite and > 0, got inf"),
+        ("train.learning_rate", "-0.01", "train.learning_rate must be finite and > 0, got -0.01"),
+        ("train.learning_rate", "0", "train.learning_rate must be finite and > 0, got 0.0"),
+        ("train.finetune_learning_rate", "nan", "train.finetune_learning_rate must be finite"),
+        ("train.finetune_learning_rate", "0", "train.finetune_learning_rate must be .* > 0"),
+        ("train.weight_decay", "-1e-4", "train.weight_decay must be finite and >= 0, got -0.0001"),
+        ("train.weight_decay", "nan", "train.weight_decay must be finite and >= 0, got nan"),
+        ("train.weight_decay", "inf", "train.weight_decay must be finite and >= 0, got inf"),
+        ("train.label_smoothing", "5", r"train.label_smoothing must be in \[0, 1\), got 5.0"),
+        ("train.label_smoothing", "1", r"train.label_smoothing must be in \[0, 1\), got 1.0"),
+        ("train.label_smoothing", "nan", r"train.label_smoothing must be in \[0, 1\)"),
+        ("train.warmup_epochs", "-1", "train.warmup_epochs must be finite and >= 0, got -1.0"),
+        ("train.warmup_epochs", "inf", "train.warmup_epochs must be finite and >= 0, got inf"),
+        ("train.warmup_epochs", "nan", "train.warmup_epochs must be finite and >= 0, got nan"),
+        ("train.head_only_epochs", "-1", "train.head_only_epochs must be at least 0, got -1"),
+        ("train.early_stopping_patience", "0", "train.early_stopping_patience must be at least 1"),
+        ("train.epochs", "0", "train.epochs must be at least 1, got 0"),
+        ("train.batch_size", "-8", "train.batch_size must be at least 1, got -8"),
+        ("train.log_every_steps", "0", "train.log_every_steps must be at least 1, got 0"),
+        ("train.max_nonfinite_steps", "0", "train.max_nonfinite_steps must be at least 1"),
+        ("train.plateau_patience", "0", "train.plateau_patience must be at least 1, got 0"),
+        ("train.plateau_factor", "nan", r"train.plateau_factor must be in \(0, 1\), got nan"),
+        ("train.plateau_min_scale", "nan", r"train.plateau_min_scale must be in \[0, 1\]"),
+    ],
+)
+def test_override_refuses_out_of_range_settings(key, value, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        override(tiny(), {key: value})
+    with pytest.raises(ValueError, match=f"^{message}"):
+        override(default(), {key: value})
+
+
+# The edges of each range that are allowed, and the values the presets, README, scripts and
+# tests pass with --set or override().
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("model.head_units", ""),  # no hidden head blocks: the logits read the LSTM state
+        ("model.head_units", "1"),
+        ("model.lstm_units", "1"),
+        ("model.width", "1e-3"),
+        ("model.width", "1.4"),
+        ("model.num_classes", "2"),
+        ("model.image_size", "32"),
+        ("model.bn_momentum", "0"),
+        ("model.bn_momentum", "0.999"),
+        ("model.lstm_dropout", "0"),
+        ("model.head_dropout", "0.99"),
+        ("data.split_seed", "0"),
+        ("data.val_fraction", "0.01"),
+        ("train.seed", "0"),
+        ("train.seed", str(2**63 - 1)),
+        ("train.learning_rate", "1e30"),  # tests/test_train.py's divergence test
+        ("train.learning_rate", "1e-12"),
+        ("train.finetune_learning_rate", "1e-12"),
+        ("train.weight_decay", "0"),
+        ("train.label_smoothing", "0"),
+        ("train.label_smoothing", "0.99"),
+        ("train.warmup_epochs", "0"),
+        ("train.warmup_epochs", "0.5"),
+        ("train.warmup_epochs", "100"),  # longer than the run: the schedule clamps it
+        ("train.head_only_epochs", "0"),  # single stage
+        ("train.head_only_epochs", "100"),  # more than epochs: the whole run is stage 1
+        ("train.early_stopping_patience", "1"),
+        ("train.plateau_min_scale", "0"),
+        ("train.plateau_min_scale", "1"),
+    ],
+)
+def test_override_accepts_the_edges_of_each_range(key, value):
+    group, field = key.split(".")
+    got = getattr(getattr(override(tiny(), {key: value}), group), field)
+    if field == "head_units":
+        assert got == tuple(int(x) for x in value.split(",") if x)
+    else:
+        assert got == (int(value) if isinstance(got, int) else float(value))
+
+
+def test_typed_values_are_checked_too():
+    # Python callers and config.json bypass the CLI's conversion; the dataclasses still check.
+    for cls, kwargs, message in [
+        (ModelConfig, {"width": float("nan")}, "model.width must be finite and > 0, got nan"),
+        (ModelConfig, {"lstm_units": 0}, "model.lstm_units must be at least 1, got 0"),
+        (ModelConfig, {"head_units": [8]}, r"model.head_units must be a tuple .*, got \[8\]"),
+        (ModelConfig, {"head_units": (8.0,)}, r"model.head_units must be a tuple of integers"),
+        (ModelConfig, {"freeze_backbone_batchnorm": 1}, "model.freeze_backbone_batchnorm must be"),
+        (DataConfig, {"split_seed": 1.5}, "data.split_seed must be an integer, got 1.5"),
+        (DataConfig, {"skip_bad_images": "yes"}, "data.skip_bad_images must be true or false"),
+        (TrainConfig, {"epochs": 2.0}, "train.epochs must be an integer, got 2.0"),
+        (TrainConfig, {"learning_rate": "1e-3"}, "train.learning_rate must be a number"),
+        (TrainConfig, {"weight_decay": True}, "train.weight_decay must be a number, got True"),
+        (TrainConfig, {"augment": "false"}, "train.augment must be true or false, got 'false'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            cls(**kwargs)
+    with pytest.raises(ValueError, match="train.label_smoothing must be in"):
+        Config.from_json('{"train": {"label_smoothing": 5}}')
+    # Integers where a float is expected are fine (tests/test_train.py: warmup_epochs=1), and
+    # so are numpy scalars (a class count computed with numpy).
+    assert TrainConfig(warmup_epochs=1, weight_decay=0).warmup_epochs == 1
+    assert ModelConfig(num_classes=np.int64(4), width=np.float32(0.5)).num_classes == 4
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_pass_their_own_validation(preset):
+    c = get_config(preset)
+    # Rebuilding each group from its fields runs __post_init__ again on exactly these values.
+    for group in (c.model, c.data, c.train):
+        assert dataclasses.replace(group) == group
 
 
 def test_configs_require_keywords():
