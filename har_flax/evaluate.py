@@ -23,8 +23,9 @@ import numpy as np
 import optax
 
 from har_flax import sharding
-from har_flax.checkpoint import atomic_write_bytes, atomic_write_text, load_model
+from har_flax.checkpoint import atomic_write_bytes, load_model
 from har_flax.config import Config, ModelConfig
+from har_flax.data import kaggle
 from har_flax.models import create_model, init_variables
 from har_flax.models.cnn_lstm import normalize_uint8
 from har_flax.models.mobilenet_v2 import MobileNetV2
@@ -37,6 +38,8 @@ REPORT_MD = "report.md"
 CONFUSION_PNG = "confusion_matrix.png"
 PER_CLASS_PNG = "per_class.png"
 SUBMISSION_CSV = "submission.csv"
+# Long lists are cut in report.md (report.json has them all).
+_MD_LIST = 50
 
 
 # --- Metrics -------------------------------------------------------------------------------------
@@ -236,11 +239,14 @@ def evaluate(
 
     Writes to ``out_dir``: ``report.json``, ``report.md``, ``confusion_matrix.png``,
     ``per_class.png`` and ``submission.csv`` (Kaggle's ``filename,label`` for
-    ``Testing_set.csv``), each atomically.
+    ``Testing_set.csv``), each atomically and only once all of them are computed, so a
+    failure leaves a previous report as it was. The probe's weights are loaded before any
+    inference, so a bad ``probe`` fails at once.
 
     Args:
       workdir: the training run W (its ``split.json`` fixes the validation split).
-      data_dir: the Kaggle-layout data (not needed when ``splits`` is given).
+      data_dir: the Kaggle-layout data (may be None when ``splits`` is given; when given, its
+        ``Testing_set.csv`` is read to name the rows the submission lacks).
       out_dir: R.
       model_dir: the model directory to evaluate (default ``W/model``, the best one).
       splits: already loaded splits (as from ``har_flax.data.load_splits``).
@@ -249,12 +255,19 @@ def evaluate(
         a ``har-port-weights`` directory or weight file, or "none" to leave the baseline out.
 
     Returns:
-      The report (what ``report.json`` holds).
+      The report (what ``report.json`` holds). ``skipped`` lists the rows and images the data
+      loading left out (``data.skip_bad_images``); ``submission.missing`` names the
+      ``Testing_set.csv`` rows without a prediction (skipped as bad rows or unreadable images;
+      no label is made up for them).
     """
     workdir, out_dir = Path(workdir), Path(out_dir)
     model_dir = Path(model_dir) if model_dir is not None else workdir / MODEL_DIR
     config, labels_json, variables = load_model(model_dir)
     classes = tuple(labels_json["classes"])
+    # Before any inference: a missing or unfit weight file must not cost a whole evaluation.
+    probe_variables = (
+        imagenet_backbone_variables(probe, config.model.image_size) if probe != "none" else None
+    )
     if splits is None:
         if data_dir is None:
             raise ValueError("evaluate needs data_dir or splits")
@@ -280,29 +293,61 @@ def evaluate(
         "config": config.to_dict(),
         "split": "validation",
         "model": classification_metrics(val_labels, val_logits.argmax(axis=1), classes),
+        "skipped": [{"file": f, "reason": r} for f, r in splits.skipped],
     }
 
+    submission = None
+    names: list[str] = []
     if len(splits.test):
         test_logits = predict_logits(model, variables, splits.test, batch_size, mesh, frames)
         names = [classes[i] for i in test_logits.argmax(axis=1)]
-        atomic_write_text(out_dir / SUBMISSION_CSV, submission_csv(splits.test.filenames, names))
-        report["submission"] = {"file": SUBMISSION_CSV, "rows": len(names)}
+        submission = submission_csv(splits.test.filenames, names)
+    expected = _testing_set_rows(data_dir) if data_dir is not None else None
+    missing = _missing_rows(expected, splits.test.filenames) if expected is not None else []
+    if submission is not None or missing:
+        report["submission"] = {
+            "file": SUBMISSION_CSV if submission is not None else None,
+            "rows": len(names),
+            "testing_set_rows": len(expected) if expected is not None else None,
+            "missing": missing,
+        }
     else:
         report["submission"] = None
 
-    if probe != "none":
+    if probe_variables is not None:
         report["linear_probe"] = _linear_probe(
-            splits, classes, config, probe, batch_size, mesh, frames
+            splits, classes, config, probe, probe_variables, batch_size, mesh, frames
         )
         report["fine_tuning_gain"] = (
             report["model"]["accuracy"] - report["linear_probe"]["metrics"]["accuracy"]
         )
-    write_report(report, out_dir)
+    write_report(report, out_dir, submission=submission)
     return report
 
 
-def _linear_probe(splits, classes, config: Config, source, batch_size, mesh, frames) -> dict:
-    variables = imagenet_backbone_variables(source, config.model.image_size)
+def _testing_set_rows(data_dir: str | Path) -> list[str] | None:
+    """Testing_set.csv's data rows in file order, each as its filename ("line N" if it has none).
+
+    None when ``data_dir`` has no Testing_set.csv. Faulty rows count: Kaggle expects them too.
+    """
+    path = Path(data_dir) / kaggle.TEST_CSV
+    if not path.exists():
+        return None
+    table = kaggle.read_table(path, kaggle.TEST_COLUMNS, split="test")
+    rows = [(e.line, e.filename) for e in table.entries]
+    rows += [(i.line or 0, i.filename or f"line {i.line}") for i in table.issues]
+    return [name for _, name in sorted(rows)]
+
+
+def _missing_rows(expected: list[str], submitted) -> list[str]:
+    """The rows of ``expected`` with no submitted prediction, each named once, in file order."""
+    have = set(submitted)
+    return list(dict.fromkeys(name for name in expected if name not in have))
+
+
+def _linear_probe(
+    splits, classes, config: Config, source, variables, batch_size, mesh, frames
+) -> dict:
     extractor = PooledBackbone()
     train_x = predict_logits(extractor, variables, splits.train, batch_size, mesh, frames)
     val_x = predict_logits(extractor, variables, splits.val, batch_size, mesh, frames)
@@ -330,20 +375,32 @@ def submission_csv(filenames: list[str] | tuple[str, ...], labels: list[str]) ->
     return buf.getvalue()
 
 
-def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Writes report.json, report.md and the two PNGs; returns their paths."""
+def write_report(
+    report: dict[str, Any], out_dir: str | Path, *, submission: str | None = None
+) -> dict[str, Path]:
+    """Writes report.json, report.md, the two PNGs and ``submission`` (submission.csv).
+
+    Every file's content is made before the first is written, and each is written atomically:
+    a failure leaves the previous report whole. Without a ``submission``, a submission.csv
+    left there by an earlier report is removed (it came from another model).
+
+    Returns:
+      {"json", "markdown", "confusion", "per_class"[, "submission"]}: the paths written.
+    """
     out_dir = Path(out_dir)
-    paths = {
-        "json": out_dir / REPORT_JSON,
-        "markdown": out_dir / REPORT_MD,
-        "confusion": out_dir / CONFUSION_PNG,
-        "per_class": out_dir / PER_CLASS_PNG,
+    contents: dict[str, tuple[Path, bytes]] = {
+        "json": (out_dir / REPORT_JSON, (json.dumps(report, indent=2) + "\n").encode()),
+        "markdown": (out_dir / REPORT_MD, to_markdown(report).encode()),
+        "confusion": (out_dir / CONFUSION_PNG, confusion_png(report["model"])),
+        "per_class": (out_dir / PER_CLASS_PNG, per_class_png(report["model"])),
     }
-    atomic_write_text(paths["json"], json.dumps(report, indent=2) + "\n")
-    atomic_write_text(paths["markdown"], to_markdown(report))
-    atomic_write_bytes(paths["confusion"], confusion_png(report["model"]))
-    atomic_write_bytes(paths["per_class"], per_class_png(report["model"]))
-    return paths
+    if submission is not None:
+        contents["submission"] = (out_dir / SUBMISSION_CSV, submission.encode())
+    for path, data in contents.values():
+        atomic_write_bytes(path, data)
+    if submission is None:
+        (out_dir / SUBMISSION_CSV).unlink(missing_ok=True)
+    return {key: path for key, (path, _) in contents.items()}
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -395,14 +452,43 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"Validation accuracy {probe['accuracy']:.4f} against the fine-tuned model's "
             f"{m['accuracy']:.4f} (gain {report['fine_tuning_gain']:+.4f}).",
         ]
-    sub = report.get("submission")
+    skipped = report.get("skipped") or []
+    if skipped:
+        lines += ["", f"## Skipped rows and images ({len(skipped)})", ""]
+        lines.append(
+            "Left out of every metric and of the submission (data.skip_bad_images / "
+            "har-evaluate --skip-bad-images):"
+        )
+        lines += [""] + [f"- `{s['file']}`: {s['reason']}" for s in skipped[:_MD_LIST]]
+        if len(skipped) > _MD_LIST:
+            lines.append(f"- ... and {len(skipped) - _MD_LIST} more (see {REPORT_JSON})")
     lines += ["", "## Kaggle submission", ""]
-    lines.append(
-        f"`{sub['file']}`: {sub['rows']} rows (`filename,label`) for Testing_set.csv."
-        if sub
-        else "No test images, so no submission file."
-    )
+    lines += _submission_markdown(report.get("submission"))
     return "\n".join(lines) + "\n"
+
+
+def _submission_markdown(sub: dict[str, Any] | None) -> list[str]:
+    if not sub:
+        return ["No test images, so no submission file."]
+    lines = []
+    if sub["file"]:
+        lines.append(f"`{sub['file']}`: {sub['rows']} rows (`filename,label`) for Testing_set.csv.")
+    else:
+        lines.append("No readable test image, so no submission file.")
+    missing = sub.get("missing") or []
+    if missing:
+        names = ", ".join(f"`{m}`" for m in missing[:_MD_LIST])
+        more = f" ... and {len(missing) - _MD_LIST} more (see {REPORT_JSON})"
+        lines += [
+            "",
+            f"**Warning: {len(missing)} of the {sub['testing_set_rows']} Testing_set.csv rows "
+            "have no row in the submission** (skipped as bad rows or unreadable images: no "
+            "label was made up for them); Kaggle expects one row per Testing_set.csv row. Missing: "
+            + names
+            + (more if len(missing) > _MD_LIST else "")
+            + ".",
+        ]
+    return lines
 
 
 def _pyplot():

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import shutil
+import types
 
 import jax
 import numpy as np
@@ -13,8 +16,9 @@ from sklearn.linear_model import LogisticRegression
 
 from har_flax import evaluate as ev
 from har_flax.checkpoint import CheckpointError, save_model
+from har_flax.cli import evaluate as cli_evaluate
 from har_flax.config import override, tiny
-from har_flax.data import load_splits
+from har_flax.data import ArraySource, DataError, load_splits
 from har_flax.data.synthetic import TEST_LABELS_CSV, write_synthetic_kaggle
 from har_flax.models import init_variables
 
@@ -89,16 +93,22 @@ def test_linear_probe_matches_sklearn_logistic_regression():
     assert ours > 0.6
 
 
-def test_evaluate_writes_report_and_submission(tmp_path):
-    """A model directory (untrained: the report's plumbing is under test) on synthetic data."""
-    data = write_synthetic_kaggle(tmp_path / "data", train_per_class=8, test_count=5)
-    work = tmp_path / "work"
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Synthetic data and a saved model (untrained: the report's plumbing is under test)."""
+    root = tmp_path_factory.mktemp("run")
+    data = write_synthetic_kaggle(root / "data", train_per_class=8, test_count=5)
+    work = root / "work"
     config = override(tiny(), {"train.batch_size": 8})
     splits = load_splits(data, work, image_size=32, data_config=config.data)
     variables = init_variables(config.model, jax.random.key(1))
     save_model(work / "model", config=config, classes=splits.classes, variables=variables,
                metadata={"version": "test-1"})  # fmt: skip
+    return types.SimpleNamespace(data=data, work=work, config=config, splits=splits)
 
+
+def test_evaluate_writes_report_and_submission(run, tmp_path):
+    data, work, splits = run.data, run.work, run.splits
     out = tmp_path / "report"
     report = ev.evaluate(work, data, out, probe="tflite")
 
@@ -128,8 +138,155 @@ def test_evaluate_writes_report_and_submission(tmp_path):
     assert [r[0] for r in rows[1:]] == expected
     assert {r[1] for r in rows[1:]} <= set(splits.classes)
     assert (data / TEST_LABELS_CSV).exists()
+    assert report["submission"] == {
+        "file": "submission.csv", "rows": 5, "testing_set_rows": 5, "missing": [],
+    }  # fmt: skip
+    assert report["skipped"] == [] and "Warning" not in md and "Skipped" not in md
+    # Atomic writes: the five files and no temporary one.
+    assert sorted(p.name for p in out.iterdir()) == [
+        "confusion_matrix.png", "per_class.png", "report.json", "report.md", "submission.csv",
+    ]  # fmt: skip
 
 
 def test_evaluate_without_model_is_clear(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         ev.evaluate(tmp_path / "nowhere", None, tmp_path / "r", splits=object())
+
+
+# --- A failure leaves the previous report; paths are checked before any work ---------------------
+
+OLD_REPORT = {
+    "report.json": b'{"old": true}\n',
+    "report.md": b"# old model\n",
+    "confusion_matrix.png": b"old png",
+    "per_class.png": b"old png",
+    "submission.csv": b"filename,label\nImage_1.jpg,old\n",
+}
+
+
+def _old_report(out):
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in OLD_REPORT.items():
+        (out / name).write_bytes(data)
+
+
+def _assert_old_report(out):
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == OLD_REPORT
+
+
+def test_failure_after_inference_leaves_the_previous_report(run, tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    _old_report(out)
+
+    def broken(metrics):
+        raise RuntimeError("plotting failed")
+
+    # The last thing made before writing: everything else (submission included) is computed.
+    monkeypatch.setattr(ev, "per_class_png", broken)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        ev.evaluate(run.work, run.data, out, splits=run.splits, probe="none")
+    _assert_old_report(out)
+
+
+def test_bad_probe_fails_before_inference(run, tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    _old_report(out)
+    (tmp_path / "junk.h5").write_bytes(b"not HDF5")
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError("inference ran before the probe was checked")
+
+    monkeypatch.setattr(ev, "predict_logits", no_inference)
+    with pytest.raises(ValueError, match="junk.h5"):
+        ev.evaluate(run.work, run.data, out, splits=run.splits, probe=str(tmp_path / "junk.h5"))
+    _assert_old_report(out)
+
+
+def test_report_without_test_images_removes_a_stale_submission(run, tmp_path):
+    out = tmp_path / "report"
+    _old_report(out)
+    no_test = _without_test(run.splits)
+    report = ev.evaluate(run.work, None, out, splits=no_test, probe="none")
+    assert report["submission"] is None
+    assert not (out / "submission.csv").exists()  # it was another model's
+    assert "No test images, so no submission file." in (out / "report.md").read_text()
+
+
+def _without_test(splits):
+    empty = ArraySource(np.zeros((0, 32, 32, 3), np.uint8), [], [], np.zeros(0, np.int32), 32)
+    return dataclasses.replace(splits, test=empty)
+
+
+@pytest.mark.parametrize(
+    "flags, flag, message",
+    [
+        (["--probe", "/nonexistent.h5"], "--probe", "no such file or directory"),
+        (["--out", "{file}"], "--out", "exists and is not a directory: name a directory"),
+        (["--out", "{file}/sub"], "--out", "cannot be made; name another directory"),
+        (["--download-dir", "{file}"], "--download-dir", "exists and is not a directory"),
+        (["--model", "{tmp}/nomodel"], "--model", "is not a directory"),
+    ],
+)
+def test_cli_checks_flags_before_any_work(tmp_path, capsys, flags, flag, message):
+    work, data, out = tmp_path / "work", tmp_path / "data", tmp_path / "report"
+    work.mkdir()
+    data.mkdir()
+    _old_report(out)
+    (tmp_path / "afile").write_text("a file")
+    flags = [f.format(file=tmp_path / "afile", tmp=tmp_path) for f in flags]
+    argv = ["--workdir", str(work), "--data-dir", str(data), "--out", str(out), *flags]
+    with pytest.raises(SystemExit) as e:
+        cli_evaluate.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {flag} " in err and message in err, err
+    assert list(work.iterdir()) == []  # no data prepared, no split written
+    _assert_old_report(out)
+    assert (tmp_path / "afile").read_text() == "a file"
+
+
+# --- Bad data: an error naming the flag, or skipped and listed -----------------------------------
+
+
+def test_bad_test_images_are_skipped_listed_and_missing_rows_flagged(run, tmp_path, capsys):
+    data, work = tmp_path / "data", tmp_path / "work"
+    shutil.copytree(run.data, data)
+    (data / "test" / "Image_2.jpg").write_bytes(b"not an image")
+    work.mkdir()
+    shutil.copy(run.work / "split.json", work)
+    argv = ["--workdir", str(work), "--data-dir", str(data), "--model", str(run.work / "model"),
+            "--probe", "none", "--out", str(tmp_path / "report")]  # fmt: skip
+
+    # har-train's hint (the library's) names its setting ...
+    with pytest.raises(DataError, match="set data.skip_bad_images=true"):
+        load_splits(data, work, image_size=32, data_config=run.config.data, progress=False)
+    # ... har-evaluate's names its flag, which has no --set.
+    assert cli_evaluate.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "test/Image_2.jpg is unreadable" in err and "rerun with --skip-bad-images" in err
+    assert "data.skip_bad_images=true" not in err
+    assert not (tmp_path / "report").exists()
+
+    assert cli_evaluate.main([*argv, "--skip-bad-images"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 bad rows or images (--skip-bad-images)" in err
+    assert "Image_2.jpg: Testing_set.csv line 3: test/Image_2.jpg is unreadable" in err
+    assert "warning: 1 of the 5 Testing_set.csv rows have no row in submission.csv" in err
+    assert "Missing: Image_2.jpg" in err
+
+    out = tmp_path / "report"
+    report = json.loads((out / "report.json").read_text())
+    [skipped] = report["skipped"]
+    assert skipped["file"] == "Image_2.jpg" and "unreadable" in skipped["reason"]
+    assert report["submission"] == {
+        "file": "submission.csv", "rows": 4, "testing_set_rows": 5, "missing": ["Image_2.jpg"],
+    }  # fmt: skip
+    with open(out / "submission.csv", newline="") as f:
+        submitted = [r[0] for r in csv.reader(f)][1:]
+    with open(data / "Testing_set.csv", newline="") as f:
+        listed = [r[0] for r in csv.reader(f)][1:]
+    assert submitted == [f for f in listed if f != "Image_2.jpg"]  # no label made up
+    md = (out / "report.md").read_text()
+    assert "## Skipped rows and images (1)" in md and "test/Image_2.jpg is unreadable" in md
+    assert "**Warning: 1 of the 5 Testing_set.csv rows have no row in the submission**" in md
+    assert "Kaggle expects one row per Testing_set.csv row. Missing: `Image_2.jpg`." in md

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from har_flax.cli import explore as explore_cli
 from har_flax.data.explore import explore, write_report
 from har_flax.data.synthetic import write_synthetic_kaggle
 
@@ -134,3 +135,45 @@ def test_script_subprocess(messy, tmp_path):
     )  # fmt: skip
     assert bad.returncode == 2 and "is not a directory" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "train_csv, message",
+    [
+        ("filename,label\n", "Training_set.csv has a header but no rows"),
+        ("file,label\nImage_1.jpg,calling\n", "Training_set.csv has columns ['file', 'label']"),
+        ("", "Training_set.csv is empty"),
+    ],
+)
+def test_broken_training_csv_is_counted_and_named(tmp_path, capsys, train_csv, message):
+    root = tmp_path / "data"
+    for folder in ("train", "test"):
+        (root / folder).mkdir(parents=True)
+    (root / "Training_set.csv").write_text(train_csv)
+    (root / "Testing_set.csv").write_text("filename\n")
+    report = explore(root, workers=1)
+    [err] = report["structural_errors"]
+    assert err["message"].startswith(str(root / "Training_set.csv")), err  # the file, named
+    assert message in err["message"]
+    assert report["anomaly_counts"] == {"bad_csv": 1} and not report["ok"]
+
+    assert explore_cli.main(["--data-dir", str(root), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "1 anomalies (bad_csv: 1)" in out and "(none)" not in out
+    assert f"  {root / 'Training_set.csv'}" in out
+    md = (tmp_path / "out" / "explore.md").read_text()
+    assert "**1 anomalies found.**" in md and message in md
+
+
+def test_out_that_is_a_file_is_refused_up_front(messy, tmp_path, capsys):
+    (tmp_path / "afile").write_text("keep")
+    for out, says in (
+        (tmp_path / "afile", "exists and is not a directory: name a directory"),
+        (tmp_path / "afile" / "sub", "cannot be made; name another directory"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            explore_cli.main(["--data-dir", str(messy), "--out", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: --out {out}" in err and says in err, err
+    assert (tmp_path / "afile").read_text() == "keep"

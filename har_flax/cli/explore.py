@@ -8,9 +8,31 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
+
+
+def out_dir_problem(flag: str, path: Path) -> str | None:
+    """Why ``path`` cannot be used (or made) as an output directory, for a usage error; else None.
+
+    Checked before any work, so that a long run does not end on ``File exists``.
+    """
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    if existing.is_dir():
+        if os.access(existing, os.W_OK | os.X_OK):
+            return None
+        return f"{flag} {path}: cannot write in {existing}; name a directory you can write to"
+    if existing == path:
+        return (
+            f"{flag} {path} exists and is not a directory: name a directory (it is made if "
+            "missing), or move that file away"
+        )
+    return (
+        f"{flag} {path}: {existing} exists and is not a directory, so {path} cannot be made; "
+        "name another directory"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.data_dir.is_dir():
         parser.error(f"--data-dir {args.data_dir} is not a directory")
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out} exists and is not a directory")
+    if problem := out_dir_problem("--out", args.out):
+        parser.error(problem)
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be at least 1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -62,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     c = report["classes"]
     n_images = sum(s["listed"] for s in report["images"].values())
-    n_anom = len(report["anomalies"]) + len(report["structural_errors"])
+    counts = report["anomaly_counts"]  # structural (bad_csv) ones included
+    n_anom = sum(counts.values())
     print(
         f"{n_images} images listed, {c['count']} classes, {n_anom} anomalies "
-        f"({', '.join(f'{k}: {v}' for k, v in report['anomaly_counts'].items()) or 'none'}) "
+        f"({', '.join(f'{k}: {v}' for k, v in counts.items()) or 'none'}) "
         f"in {time.perf_counter() - start:.1f}s"
     )
     for err in report["structural_errors"]:

@@ -103,7 +103,9 @@ def explore(data_dir: str | Path, *, workers: int | None = None) -> dict[str, An
 
     Returns:
       A JSON-able report: ``csv`` (per file: columns, rows, structural error),
-      ``anomalies`` (every faulty row or image: kind, split, filename, line, message),
+      ``structural_errors`` (a CSV missing, empty, without its columns or without rows: kind
+      ``bad_csv``, file, message naming the file), ``anomalies`` (every faulty row or image:
+      kind, split, filename, line, message), ``anomaly_counts`` (per kind, of both lists),
       ``classes`` (counts, imbalance, labels outside the 15 HAR actions when the data looks
       like the HAR set), ``images`` (per split: listed, readable, missing, unreadable, unlisted
       files) and ``sizes`` (width, height, aspect statistics, common sizes, modes, formats).
@@ -123,9 +125,11 @@ def explore(data_dir: str | Path, *, workers: int | None = None) -> dict[str, An
         if "error" in s
     ]
     if train_table is not None and train_table.num_rows == 0:
+        # The words har-train stops with (kaggle.read_layout), the file named.
         structural.append(
-            {"kind": "bad_csv", "file": kaggle.TRAIN_CSV, "message": "a header but no rows"}
-        )
+            {"kind": "bad_csv", "file": kaggle.TRAIN_CSV,
+             "message": f"{train_table.path} has a header but no rows"}
+        )  # fmt: skip
 
     entries = {"train": [], "test": []}
     for split, table in (("train", train_table), ("test", test_table)):
@@ -209,7 +213,9 @@ def explore(data_dir: str | Path, *, workers: int | None = None) -> dict[str, An
         "csv": {"train": train_csv, "test": test_csv},
         "structural_errors": structural,
         "anomalies": [i.to_dict() for i in sorted(anomalies, key=_issue_order)],
-        "anomaly_counts": dict(collections.Counter(i.kind for i in anomalies)),
+        "anomaly_counts": dict(
+            collections.Counter([s["kind"] for s in structural] + [i.kind for i in anomalies])
+        ),
         "classes": {
             "count": len(counts),
             "counts": dict(sorted(counts.items())),
@@ -335,7 +341,8 @@ def to_png(report: dict[str, Any]) -> bytes:
     ax_s.set_title(f"Image sides ({report['sizes']['count']} images)")
     ax_s.set_xlabel("pixels")
     ax_s.set_ylabel("images")
-    ax_s.legend()
+    if hists["width"] or hists["height"]:  # No image read: no line, nothing to label.
+        ax_s.legend()
     if hists["aspect"]:
         h = hists["aspect"]
         ax_a.stairs(h["counts"], h["edges"], fill=True, color="tab:orange")

@@ -36,10 +36,18 @@ TEST_COLUMNS = ("filename",)
 # How many issues an error message spells out before summarising the rest.
 _MAX_LISTED = 20
 
-SKIP_HINT = (
-    "fix the data, or set data.skip_bad_images=true to skip these images and list them "
-    "(har-explore --data-dir DATA --out REPORT lists every problem)"
-)
+
+def skip_hint(how: str = "set data.skip_bad_images=true") -> str:
+    """What to do about bad data, ``how`` saying how the command at hand skips it."""
+    return (
+        f"fix the data, or {how} to skip these images and list them "
+        "(har-explore --data-dir DATA --out REPORT lists every problem)"
+    )
+
+
+# What :func:`raise_issues` ends with; a command whose way to skip differs (har-evaluate's
+# --skip-bad-images) replaces it in the message with its own ``skip_hint(...)``.
+SKIP_HINT = skip_hint()
 
 
 class DataError(ValueError):
