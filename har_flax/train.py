@@ -10,11 +10,13 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import io
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -48,6 +50,7 @@ METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 CONFIG_FILE = "config.json"
 CACHE_DIR = "jax_cache"
+LOCK_FILE = "train.lock"  # held by the run using W (process 0 of it), so a second one refuses
 DEFAULT_AUGMENT = AugmentConfig()
 
 
@@ -431,6 +434,55 @@ def enable_compilation_cache(workdir: Path) -> str:
     return directory
 
 
+_LOCKS_HELD: dict[Path, int] = {}  # lock file -> how many nested workdir_lock hold it here
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | Path) -> Iterator[None]:
+    """Holds ``W/train.lock`` while entered, so that two runs cannot share a work directory.
+
+    Two runs in one W would append to the same metrics and overwrite each other's checkpoints
+    and model. The lock is the operating system's (``flock``): it goes with the process, so a
+    killed run leaves no stale lock. Only process 0 of a multi-host run takes it (the others
+    share its W). Re-entrant within a process (``har-train`` holds it from preparing the data
+    to the end of ``fit``).
+
+    Raises:
+      ValueError: another process holds it; the message gives that process' id.
+    """
+    path = (Path(workdir) / LOCK_FILE).absolute()
+    if jax.process_index() != 0 or path in _LOCKS_HELD:
+        _LOCKS_HELD[path] = _LOCKS_HELD.get(path, 0) + 1
+        try:
+            yield
+        finally:
+            _LOCKS_HELD[path] -= 1
+            if not _LOCKS_HELD[path]:
+                del _LOCKS_HELD[path]
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            raise ValueError(
+                f"{path.parent} is in use by another training run (process id {holder}); "
+                "wait for it to end, or use another --workdir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _LOCKS_HELD[path] = 1
+        try:
+            yield
+        finally:
+            del _LOCKS_HELD[path]
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 class _CompileStats:
     """Counts, while entered, XLA's compilations and the programs the persistent cache gave."""
 
@@ -449,6 +501,11 @@ class _CompileStats:
         elif event == self._LOADED:
             self.loaded += 1
             self.saved_seconds += max(duration, 0.0)
+
+    @property
+    def programs(self) -> int:
+        """Programs compiled or loaded from the cache so far."""
+        return self.compiled + self.loaded
 
     def __enter__(self) -> _CompileStats:
         jax.monitoring.register_event_duration_secs_listener(self._listen)
@@ -499,8 +556,13 @@ def fit(
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    with _CompileStats(enable_compilation_cache(workdir)) as compile_stats:
-        result = _fit(config, workdir, data_dir, splits, max_steps, mesh, progress_bar)
+    with (
+        workdir_lock(workdir),
+        _CompileStats(enable_compilation_cache(workdir)) as compile_stats,
+    ):
+        result = _fit(
+            config, workdir, data_dir, splits, max_steps, mesh, progress_bar, compile_stats
+        )
     if compile_stats.compiled or compile_stats.loaded:
         log.info(compile_stats.summary())
     return result
@@ -514,6 +576,7 @@ def _fit(
     max_steps: int | None,
     mesh: jax.sharding.Mesh | None,
     progress_bar: bool,
+    compile_stats: _CompileStats,
 ) -> FitResult:
     if splits is None:
         if data_dir is None:
@@ -530,7 +593,6 @@ def _fit(
     if config.model.num_classes != len(classes):
         log.info("model.num_classes = %d (from the data)", len(classes))
         config = override(config, {"model.num_classes": len(classes)})
-    _check_resumable_config(workdir, config)
 
     tc = config.train
     mesh = mesh or sharding.make_mesh()
@@ -538,8 +600,6 @@ def _fit(
     spe = steps_per_epoch(len(splits.train), tc.batch_size)
     total_steps = tc.epochs * spe
 
-    state = create_train_state(config, spe)
-    ckpts = TrainCheckpoints(workdir / TRAIN_CHECKPOINTS_DIR)
     progress = {
         "epoch": 0,  # epochs completed
         "step_in_epoch": 0,  # batches of the current epoch done
@@ -550,11 +610,17 @@ def _fit(
         "finished": False,
         "stopped_early": False,
     }
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
-        state,
-    )
-    restored = ckpts.restore("latest", abstract)
+    ckpts = TrainCheckpoints(workdir / TRAIN_CHECKPOINTS_DIR)
+    with _closing_on_error(ckpts):
+        resuming = ckpts.latest_step() is not None
+        # Before building anything: a refused resume answers at once.
+        saved_epochs = _check_resumable_config(workdir, config) if resuming else None
+        state = create_train_state(config, spe)
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
+            state,
+        )
+        restored = ckpts.restore("latest", abstract)
     if restored is not None:
         state, saved = restored
         progress.update(saved["progress"])
@@ -588,6 +654,13 @@ def _fit(
             {"progress": progress, "config": config.to_dict(), "classes": list(classes)},
         )
 
+    if saved_epochs is not None and not progress["finished"]:
+        ckpts.close()
+        raise ValueError(
+            f"{workdir} holds an unfinished run of train.epochs={saved_epochs}, whose "
+            f"learning-rate schedule is fixed, so train.epochs={tc.epochs} cannot resume it; "
+            f"resume with train.epochs={saved_epochs}, or use a new --workdir"
+        )
     if progress["finished"]:
         log.info("%s already finished; nothing to do", workdir)
         if tc.epochs > progress["epoch"] and not progress["stopped_early"]:
@@ -630,7 +703,10 @@ def _fit(
                         ckpts.close()
                         log.info("stopped at step %d; run again to resume", global_step)
                         return result(True)
-                    state, metrics = steps[frozen](state, next(batches), root_key)
+                    batch, programs, t0 = next(batches), compile_stats.programs, time.perf_counter()
+                    state, metrics = steps[frozen](state, batch, root_key)
+                    if compile_stats.programs != programs:  # compiled: not training time
+                        meter.leave_out(time.perf_counter() - t0)
                     meter.add(metrics)
                     global_step += 1
                     if meter.pending >= tc.log_every_steps:
@@ -795,6 +871,10 @@ class _Meter:
     def add(self, metrics: dict) -> None:
         self._pending.append(metrics)
 
+    def leave_out(self, seconds: float) -> None:
+        """Keeps ``seconds`` just spent (compiling a step) out of the images/s."""
+        self._tick += seconds
+
     def flush(self) -> None:
         """One host sync: adds every pending step (in order, so sums resume exactly).
 
@@ -910,39 +990,95 @@ def _round_up(n: int, multiple: int) -> int:
     return math.ceil(n / multiple) * multiple
 
 
-def _check_resumable_config(workdir: Path, config: Config) -> None:
-    """Refuses to resume a checkpoint of a different model (training settings may change).
+# Training settings a resumed run may change: when to log or stop (not what a step does), and
+# the peak learning rates, whose lowering is the usual remedy for a diverged run (a warning
+# says that the run then leaves the uninterrupted run's trajectory).
+RESUMABLE_CHANGES = ("log_every_steps", "max_nonfinite_steps", "early_stopping_patience")
+REMEDY_CHANGES = ("learning_rate", "finetune_learning_rate")
 
-    The compute settings (``model.dtype``, ``model.depthwise_impl``) may change too: they leave
-    the variables as they are, and switching them is the remedy for some numerical failures.
+
+def _check_resumable_config(workdir: Path, config: Config) -> int | None:
+    """Refuses to resume a checkpoint made with another model or other training settings.
+
+    The compute settings (``model.dtype``, ``model.depthwise_impl``) may change: they leave the
+    variables as they are, and switching them is the remedy for some numerical failures. So
+    may :data:`RESUMABLE_CHANGES`, and :data:`REMEDY_CHANGES` with a warning. Every other
+    training setting shapes the trajectory (the batches, the schedule, the optimiser state's
+    structure), so a resumed run with another value would be neither run.
+
+    Returns:
+      The saved ``train.epochs`` when the requested one differs (else None): allowed only for a
+      finished run, which the caller knows once it has restored the checkpoint.
     """
     path = workdir / CONFIG_FILE
-    if not path.exists() or not (workdir / TRAIN_CHECKPOINTS_DIR).exists():
-        return
+    if not path.exists():
+        return None
     old = Config.from_json(path.read_text(encoding="utf-8"))
+    hint = f"use a new --workdir, or the saved settings ({path})"
     compute = {"dtype": config.model.dtype, "depthwise_impl": config.model.depthwise_impl}
     if dataclasses.replace(old.model, **compute) != config.model:
-        diff = {
-            k: (v, getattr(config.model, k))
-            for k, v in dataclasses.asdict(old.model).items()
-            if k not in compute
-            and getattr(config.model, k) != (tuple(v) if isinstance(v, list) else v)
-        }
+        diff = _differences(old.model, config.model, ignore=tuple(compute))
         raise ValueError(
-            f"{workdir} holds a run of another model ({diff} as (saved, requested)); "
-            "use a new --workdir or the saved config"
+            f"{workdir} holds a run of another model ({diff} as (saved, requested)); {hint}"
         )
+    for k, (a, b) in _differences(old.train, config.train, ignore=()).items():
+        if k in REMEDY_CHANGES:
+            log.warning(
+                "resuming with train.%s=%g (saved: %g): the rest of the run follows the new "
+                "value, so it will not end where an uninterrupted run would",
+                k,
+                b,
+                a,
+            )
+    ignore = RESUMABLE_CHANGES + REMEDY_CHANGES + ("epochs",)
+    diff = _differences(old.train, config.train, ignore=ignore)
+    if diff:
+        listed = ", ".join(f"train.{k}: {a!r} saved, {b!r} requested" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"{workdir} holds a run with other training settings ({listed}), which a resumed "
+            f"run cannot change; {hint}"
+        )
+    return old.train.epochs if old.train.epochs != config.train.epochs else None
+
+
+def _differences(old: Any, new: Any, ignore: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (old, new)}`` for the fields of two config dataclasses that differ."""
+    return {
+        k: (v, getattr(new, k))
+        for k, v in dataclasses.asdict(old).items()
+        if k not in ignore and getattr(new, k) != (tuple(v) if isinstance(v, list) else v)
+    }
 
 
 def _read_history(workdir: Path, keep_epochs: int) -> list[dict]:
-    """metrics.jsonl up to the checkpointed epoch (a crash may have left a line past it)."""
+    """metrics.jsonl up to the checkpointed epoch.
+
+    A crash may have left lines past it, or half a line (a kill or a full disk during the
+    append): both are dropped, since the resumed run writes those epochs again.
+    """
     path = workdir / METRICS_FILE
     if not path.exists():
         return []
-    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    text = path.read_text(encoding="utf-8")
+    lines = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number < len(text.splitlines()):
+                raise ValueError(
+                    f"{path}, line {number}, is not JSON ({e.msg}); fix or delete that line "
+                    "(the checkpoints do not depend on it), then run again"
+                ) from e
+            log.warning("%s: dropped its unfinished last line %d", path, number)
+            break
+        lines.append(record)
     kept = [r for r in lines if r["epoch"] <= keep_epochs]
-    if len(kept) != len(lines) and jax.process_index() == 0:
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    rewritten = "".join(json.dumps(r) + "\n" for r in kept)
+    if rewritten != text and jax.process_index() == 0:
+        atomic_write_text(path, rewritten)
     return kept
 
 

@@ -8,6 +8,8 @@ import logging
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import jax
@@ -118,6 +120,11 @@ def test_plateau_run_lowers_its_rate_as_keras_would_and_resumes_exactly(splits, 
         [tc.learning_rate * s for s in scales], rel=1e-6
     )
     assert "validation loss not lower for 1 epoch: learning rate x0.5" in caplog.text
+    # This configuration's step compiles in epoch 1 (seconds, against a fraction of a second
+    # per epoch): its time and images/s leave the compilation out.
+    compiled = float(re.search(r"compiling took ([\d.]+) s", caplog.text)[1])
+    seconds = [r["epoch_seconds"] for r in whole.history]
+    assert compiled > 5 and seconds[0] < 1 + 2 * max(seconds[1:]), (compiled, seconds)
 
     # The rule's state is part of the checkpoint: stopped in epoch 2 and resumed, the run ends
     # where the uninterrupted one did.
@@ -164,6 +171,16 @@ def test_resume_ends_where_an_uninterrupted_run_ends(splits, tmp_path, caplog):
     # A second run of one configuration in a process reuses the programs in memory.
     assert "compil" not in caplog.text, caplog.text
     caplog.clear()
+
+    # Settings that shape the trajectory cannot change on resume: refused before anything is
+    # built (a changed batch size used to crash, a changed schedule to fail restoring).
+    for key, value, message in (
+        ("train.batch_size", 16, "train.batch_size: 8 saved, 16 requested"),
+        ("train.lr_schedule", "plateau", "train.lr_schedule: 'cosine' saved, 'plateau' requested"),
+        ("train.epochs", 5, "unfinished run of train.epochs=3, .* resume with train.epochs=3"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            train.fit(override(CONFIG, {key: value}), parts, splits=splits, progress_bar=False)
 
     jax.clear_caches()  # as in a new process: no compiled program in memory
     with caplog.at_level(logging.INFO, logger="har_flax.train"):
@@ -388,3 +405,85 @@ def test_har_train_reports_divergence_and_exits_1(tmp_path, capsys):
     assert "har-train: error: training diverged" in err
     assert "model.dtype=float32" in err and "train.learning_rate" in err
     assert "Traceback" not in err
+
+
+def test_a_resume_may_lower_the_learning_rate_with_a_warning(tmp_path, caplog):
+    # The remedy for a diverged run; changing when to log or stop says nothing.
+    (tmp_path / "config.json").write_text(CONFIG.to_json())
+    changed = override(CONFIG, {"train.learning_rate": 1e-4, "train.log_every_steps": 7})
+    with caplog.at_level(logging.WARNING, logger="har_flax.train"):
+        assert train._check_resumable_config(tmp_path, changed) is None
+    assert "resuming with train.learning_rate=0.0001 (saved: 0.003)" in caplog.text
+    assert "log_every_steps" not in caplog.text
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_bad_one_named(tmp_path, caplog):
+    path = tmp_path / train.METRICS_FILE
+    good = [{"epoch": 1, "val_accuracy": 0.5}, {"epoch": 2, "val_accuracy": 0.6}]
+    text = "".join(json.dumps(r) + "\n" for r in good)
+    path.write_text(text + '{"epoch": 3, "sta')  # killed during the append
+    with caplog.at_level(logging.WARNING, logger="har_flax.train"):
+        assert train._read_history(tmp_path, keep_epochs=2) == good
+    assert "dropped its unfinished last line 3" in caplog.text
+    assert path.read_text() == text  # repaired, so the resumed run appends after epoch 2
+
+    path.write_text(json.dumps(good[0]) + "\nnot json\n" + json.dumps(good[1]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2, is not JSON"):
+        train._read_history(tmp_path, keep_epochs=2)
+
+
+def test_one_run_per_work_directory(tmp_path):
+    work = tmp_path / "w"
+    take = f"from har_flax import train\nwith train.workdir_lock({str(work)!r}): pass\n"
+    with train.workdir_lock(work), train.workdir_lock(work):  # re-entrant in one process
+        other = subprocess.run([sys.executable, "-c", take], capture_output=True, text=True,
+                               timeout=120)  # fmt: skip
+        assert other.returncode == 1
+        assert (
+            f"ValueError: {work} is in use by another training run (process id {os.getpid()}); "
+            "wait for it to end, or use another --workdir"
+        ) in other.stderr
+    free = subprocess.run([sys.executable, "-c", take], capture_output=True, timeout=120)
+    assert free.returncode == 0, free.stderr  # released
+
+
+def test_har_train_checks_its_directories_before_anything(tmp_path, capsys):
+    from har_flax.cli.train import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for argv, message in (
+        (["--workdir", str(afile)], f"--workdir {afile} is a file, not a directory"),
+        (["--workdir", str(afile / "w")], f"--workdir {afile / 'w'} cannot be created: {afile}"),
+        (["--workdir", str(tmp_path / "w"), "--download-dir", str(afile)],
+         f"--download-dir {afile} is a file"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main(["--data-dir", str(tmp_path), *argv])
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_har_train_lists_skipped_images_and_stops_cleanly_on_ctrl_c(tmp_path):
+    data = write_synthetic_kaggle(tmp_path / "data", train_per_class=14, test_count=3, seed=5)
+    (data / "train" / "Image_3.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    command = [os.path.join(os.path.dirname(sys.executable), "har-train"), "--data-dir",
+               str(data), "--workdir", str(tmp_path / "w"), "--config", "tiny", "--no-progress",
+               "--set", "data.skip_bad_images=true"]  # fmt: skip
+    # Ctrl-C while it builds the model (outside the training loop): a message, no traceback.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = []
+    for line in proc.stderr:
+        err.append(line)
+        if "Image_3.jpg" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(err) + rest
+    assert proc.returncode == 130, err
+    assert "har-train: skipped 1 bad rows or images (data.skip_bad_images):" in err
+    assert "  Image_3.jpg: " in err
+    assert "har-train: interrupted; the same command goes on" in err
+    assert "Traceback" not in err
+    with train.workdir_lock(tmp_path / "w"):  # the lock went with the process
+        pass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -65,6 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unusable_directory(path: Path) -> str | None:
+    """Why ``path`` cannot be (or become) a writable directory, or None when it can."""
+    if path.exists():
+        if not path.is_dir():
+            return "is a file, not a directory; give a directory (it is created if missing)"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return "is not writable by this user"
+        return None
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        return f"cannot be created: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {parent} is not writable by this user"
+    return None
+
+
 def parse_overrides(items: list[str]) -> dict[str, str]:
     """``["a.b=1", ...]`` -> ``{"a.b": "1"}``; ValueError naming a malformed item."""
     out = {}
@@ -83,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.data_dir.is_dir():
         parser.error(f"--data-dir {args.data_dir} is not a directory")
+    for flag, path in (("--workdir", args.workdir), ("--download-dir", args.download_dir)):
+        problem = _unusable_directory(path) if path is not None else None
+        if problem:
+            parser.error(f"{flag} {path} {problem}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -97,28 +118,48 @@ def main(argv: list[str] | None = None) -> int:
     sharding.maybe_initialize_distributed()
 
     from har_flax import train  # noqa: PLC0415
+    from har_flax.checkpoint import CheckpointError
     from har_flax.data import DataError, load_splits
 
     try:
-        splits = sharding.process_zero_first(
-            lambda: load_splits(
-                args.data_dir,
+        # One run per work directory, from preparing its data to its last checkpoint.
+        with train.workdir_lock(args.workdir):
+            splits = sharding.process_zero_first(
+                lambda: load_splits(
+                    args.data_dir,
+                    args.workdir,
+                    image_size=config.model.image_size,
+                    data_config=config.data,
+                    download_dir=args.download_dir,
+                    progress=not args.no_progress,
+                ),
+                "har_flax:load_splits",
+            )
+            if splits.skipped:
+                print(
+                    f"har-train: skipped {len(splits.skipped)} bad rows or images "
+                    "(data.skip_bad_images):",
+                    file=sys.stderr,
+                )
+                for name, reason in splits.skipped:
+                    print(f"  {name}: {reason}", file=sys.stderr)
+            result = train.fit(
+                config,
                 args.workdir,
-                image_size=config.model.image_size,
-                data_config=config.data,
-                download_dir=args.download_dir,
-                progress=not args.no_progress,
-            ),
-            "har_flax:load_splits",
+                splits=splits,
+                max_steps=args.max_steps,
+                progress_bar=not args.no_progress,
+            )
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training loop (preparing the data, building the model); inside
+        # it, the loop saves a checkpoint and returns instead.
+        print(
+            "har-train: interrupted; the same command goes on from the latest checkpoint, if "
+            "one was saved (a data preparation cut off starts over)",
+            file=sys.stderr,
         )
-        result = train.fit(
-            config,
-            args.workdir,
-            splits=splits,
-            max_steps=args.max_steps,
-            progress_bar=not args.no_progress,
-        )
-    except (DataError, ValueError, OSError, train.TrainingDivergedError) as e:
+        return 130
+    except (DataError, ValueError, OSError, CheckpointError, train.TrainingDivergedError) as e:
         print(f"har-train: error: {e}", file=sys.stderr)
         return 1
     if result.interrupted:
