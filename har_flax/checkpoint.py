@@ -42,7 +42,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file and an atomic rename."""
+    """Writes ``data`` to ``path`` through a temporary file and an atomic rename.
+
+    The file gets the permissions ``open`` would give it (0o666 less the umask), not the
+    temporary file's private 0o600: reports and models are for others to read too.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -50,11 +54,27 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process' umask, read without changing it where Linux allows (other threads may be
+    creating files, and would get a momentarily cleared umask)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)  # elsewhere: the only way to read it, set straight back
+    os.umask(mask)
+    return mask
 
 
 def _this_process_checkpointer() -> ocp.StandardCheckpointer:

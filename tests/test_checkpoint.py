@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -106,6 +107,16 @@ def test_atomic_write_replaces_and_leaves_no_temporary_files(tmp_path):
     checkpoint.atomic_write_bytes(target, b"\x00\x01")
     assert target.read_bytes() == b"\x00\x01"
     assert _leftovers(target.parent) == []
+    # Readable by others as a plainly written file is (not the temporary file's 0o600).
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    old = os.umask(0o027)
+    try:
+        checkpoint.atomic_write_text(target, "third")
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o640
 
 
 # --- Training checkpoints (saved in the background) ---------------------------------------------
