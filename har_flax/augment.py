@@ -9,6 +9,7 @@ Shape legend: B batch, T frames, H W C image.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,8 @@ class AugmentConfig:
     def __post_init__(self):
         if not 0.0 < self.min_area <= 1.0:
             raise ValueError(f"min_area must be in (0, 1], got {self.min_area}")
-        if self.max_aspect < 1.0:
-            raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
+        if not (math.isfinite(self.max_aspect) and self.max_aspect >= 1.0):
+            raise ValueError(f"max_aspect must be finite and >= 1, got {self.max_aspect}")
         for name in ("brightness", "contrast", "saturation"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -86,3 +86,6 @@ def test_bad_input_is_explained():
         augment(jnp.zeros((2, 8, 8, 3)), jax.random.key(0))
     with pytest.raises(ValueError, match="min_area"):
         AugmentConfig(min_area=0.0)
+    for aspect in (0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="max_aspect must be finite and >= 1"):
+            AugmentConfig(max_aspect=aspect)
