@@ -1,4 +1,6 @@
-"""Server interceptors: access log + metrics (outermost), bearer-token auth, per-peer rate limit.
+"""Server interceptors: access log + metrics (outermost), the message size limit, bearer-token
+auth, per-peer rate limit, and admission (which thread pool runs a call; refusing Predict when
+too many calls already wait for a handler thread).
 
 Health and reflection stay open (no token, no rate limit) so load balancers and `grpcurl list`
 work without credentials; every har.v1 call except Health needs the token when one is set.
@@ -12,7 +14,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures
 
 import grpc
 
@@ -30,6 +33,17 @@ OPEN_METHODS = (
     "/har.v1.ActionRecognition/Health",
 )
 RATE_LIMITED_PREFIX = "/har.v1."
+PREDICT = "/har.v1.ActionRecognition/Predict"
+# Calls that never block (no model, no waiting on the client): they run on a small pool of their
+# own, so probes and Classes answer even while every handler thread is busy with Predict.
+FAST_METHODS = (
+    "/grpc.health.v1.Health/",
+    "/har.v1.ActionRecognition/Health",
+    "/har.v1.ActionRecognition/Classes",
+)
+# The metrics label for methods the server does not have (client-chosen names would otherwise
+# grow the label set without bound).
+UNKNOWN_METHOD = "unknown"
 
 # Per-call facts the servicer adds for the access log (batch size, frames, ...).
 _call_fields: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
@@ -48,8 +62,16 @@ def _is_open(method: str) -> bool:
     return method.startswith(OPEN_METHODS)
 
 
-def _replace_behavior(handler: grpc.RpcMethodHandler, decorate: Callable) -> grpc.RpcMethodHandler:
-    """A copy of `handler` whose behaviour is `decorate(behaviour, response_streaming)`."""
+def _replace_behavior(
+    handler: grpc.RpcMethodHandler,
+    decorate: Callable,
+    request_deserializer: Callable | None = None,
+) -> grpc.RpcMethodHandler:
+    """A copy of `handler` whose behaviour is `decorate(behaviour, response_streaming)`.
+
+    The thread pool chosen for the behaviour (`experimental_thread_pool`, see `run_on`) carries
+    over to the decorated one unless `decorate` picks its own.
+    """
     if handler.unary_unary:
         factory, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
     elif handler.unary_stream:
@@ -58,37 +80,79 @@ def _replace_behavior(handler: grpc.RpcMethodHandler, decorate: Callable) -> grp
         factory, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
     else:
         factory, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+    decorated = decorate(behavior, handler.response_streaming)
+    pool = getattr(behavior, "experimental_thread_pool", None)
+    if pool is not None and getattr(decorated, "experimental_thread_pool", None) is None:
+        decorated.experimental_thread_pool = pool
     return factory(
-        decorate(behavior, handler.response_streaming),
-        request_deserializer=handler.request_deserializer,
+        decorated,
+        request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
 
-def _reject(failure: RpcFailure):
-    """A behaviour decorator that ends the call with `failure` without running it."""
+def _reject(failure: RpcFailure, pool: futures.ThreadPoolExecutor | None = None):
+    """A behaviour decorator that ends the call with `failure` without running it.
+
+    Args:
+      failure: the status to end the call with.
+      pool: run the refusal there (so it does not wait for a busy handler thread); None keeps
+        the call's own pool.
+    """
 
     def decorate(behavior, response_streaming):
-        def rejected(request, context):
+        def rejected(request, context, *rest):
+            annotate(reason=failure.reason)
             context.abort_with_status(failure.to_status())
 
+        if pool is not None:
+            rejected.experimental_thread_pool = pool
         return rejected
 
     return decorate
 
 
+def run_on(pool: futures.ThreadPoolExecutor):
+    """A behaviour decorator that runs the call on `pool` instead of the server's handler threads.
+
+    Uses grpcio's `experimental_thread_pool` behaviour attribute (honoured for every method
+    kind); a non-blocking behaviour (the health Watch) stays non-blocking.
+    """
+
+    def decorate(behavior, response_streaming):
+        def pooled(*args):
+            return behavior(*args)
+
+        pooled.experimental_thread_pool = pool
+        if getattr(behavior, "experimental_non_blocking", False):
+            pooled.experimental_non_blocking = True
+        return pooled
+
+    return decorate
+
+
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Requires `authorization: Bearer <token>` metadata on every non-open method."""
+    """Requires `authorization: Bearer <token>` metadata on every non-open method.
+
+    The scheme is matched in any case (`bearer`, `BEARER`: RFC 7235 makes it case-insensitive);
+    the token is compared in constant time.
+    """
 
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
+
+    def _valid(self, value: str) -> bool:
+        scheme, _, credentials = value.strip().partition(" ")
+        # Compare even when the scheme is wrong, so timing does not tell the two apart.
+        same = hmac.compare_digest(credentials.strip().encode(), self._expected)
+        return same and scheme.lower() == "bearer"
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or _is_open(handler_call_details.method):
             return handler
         got = dict(handler_call_details.invocation_metadata or ()).get("authorization")
-        if got is not None and hmac.compare_digest(got.encode(), self._expected):
+        if got is not None and self._valid(got):
             return handler
         message = (
             "missing bearer token: send metadata 'authorization: Bearer <token>'"
@@ -140,6 +204,7 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
             def limited(request, context):
                 wait = self._take(peer_host(context.peer()))
                 if wait > 0:
+                    annotate(reason="RATE_LIMITED")
                     failure = RpcFailure(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"rate limit exceeded: at most {self.rate:g} requests/s per client "
@@ -153,6 +218,161 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
             return limited
 
         return _replace_behavior(handler, decorate)
+
+
+class CountingThreadPool(futures.ThreadPoolExecutor):
+    """A ThreadPoolExecutor that knows how many submitted calls have not finished yet.
+
+    The server's handler pool: `pending` is the calls running on a handler thread plus those
+    waiting for one, which is what AdmissionInterceptor bounds.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending = 0
+        self._count_lock = threading.Lock()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def submit(self, fn, /, *args, **kwargs):
+        with self._count_lock:
+            self._pending += 1
+        try:
+            future = super().submit(fn, *args, **kwargs)
+        except BaseException:
+            self._finished(None)
+            raise
+        future.add_done_callback(self._finished)
+        return future
+
+    def _finished(self, _future) -> None:
+        with self._count_lock:
+            self._pending -= 1
+
+
+class AdmissionInterceptor(grpc.ServerInterceptor):
+    """Picks the thread pool for each call and refuses Predict when the handler pool is full.
+
+    Runs in gRPC's polling thread as each call arrives, before it is queued for a thread, so
+    the decision is made before the call can wait. Cheap calls (FAST_METHODS) and refusals run on
+    `fast_pool`; Predict (and reflection) on the server's handler pool. A Predict that finds
+    `limit` calls already running or waiting there is RESOURCE_EXHAUSTED / OVERLOADED with a
+    RetryInfo at once, logged and counted by the access log like any other error. (gRPC's own
+    `maximum_concurrent_rpcs` would refuse it bare, unlogged, and count health checks too.)
+
+    Args:
+      pool: the server's handler pool (its `pending` count is bounded).
+      fast_pool: the pool for cheap calls and refusals.
+      limit: the most calls running or waiting in `pool` (--workers + --max-queue).
+      retry_after_s: the RetryInfo delay of a refusal.
+    """
+
+    def __init__(
+        self,
+        pool: CountingThreadPool,
+        fast_pool: futures.ThreadPoolExecutor,
+        limit: int,
+        retry_after_s: float = 0.5,
+    ):
+        self._pool = pool
+        self._fast = fast_pool
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if method.startswith(FAST_METHODS):
+            return _replace_behavior(handler, run_on(self._fast))
+        if method == PREDICT and self._pool.pending >= self.limit:
+            failure = RpcFailure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server overloaded: {self.limit} calls are already running or waiting for a "
+                "handler thread (--workers + --max-queue); retry with backoff",
+                reason="OVERLOADED",
+                retry_after_s=self.retry_after_s,
+            )
+            return _replace_behavior(handler, _reject(failure, pool=self._fast))
+        return handler
+
+
+class _Oversized:
+    """Stands in for a request message over the limit (the bytes are dropped at once)."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int):
+        self.size = size
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB" if n >= 1024 * 1024 else f"{n / 1024:.0f} KiB"
+
+
+class MessageSizeInterceptor(grpc.ServerInterceptor):
+    """Refuses request messages over `max_bytes` itself, so the refusal is logged and counted.
+
+    gRPC's own receive limit (set higher, as a hard ceiling) ends a call without running its
+    handler, and no server hook reports that, so nothing could log it. Here the request
+    deserializer sees the message's size first and hands an over-limit message on as a marker
+    instead of parsing it; the behaviour then ends the call with RESOURCE_EXHAUSTED /
+    MESSAGE_TOO_LARGE (no RetryInfo: the same request can never succeed).
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+
+    def _failure(self, size: int) -> RpcFailure:
+        return RpcFailure(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"request message is {_mib(size)} ({size} bytes); this server accepts at most "
+            f"{_mib(self.max_bytes)} ({self.max_bytes} bytes, --max-message-bytes): send "
+            "smaller images or fewer frames",
+            reason="MESSAGE_TOO_LARGE",
+        )
+
+    def _refuse(self, message: _Oversized, context) -> None:
+        annotate(reason="MESSAGE_TOO_LARGE", bytes=message.size)
+        context.abort_with_status(self._failure(message.size).to_status())
+
+    def _checked(self, requests: Iterator, context) -> Iterator:
+        for request in requests:
+            if isinstance(request, _Oversized):
+                self._refuse(request, context)
+            yield request
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        limit, parse = self.max_bytes, handler.request_deserializer
+
+        def deserialize(data: bytes):
+            if len(data) > limit:
+                return _Oversized(len(data))
+            return parse(data) if parse is not None else data
+
+        def decorate(behavior, response_streaming):
+            if handler.request_streaming:
+
+                def gated(requests, context, *rest):
+                    return behavior(self._checked(requests, context), context, *rest)
+            else:
+
+                def gated(request, context, *rest):
+                    if isinstance(request, _Oversized):
+                        self._refuse(request, context)
+                    return behavior(request, context, *rest)
+
+            if getattr(behavior, "experimental_non_blocking", False):
+                gated.experimental_non_blocking = True
+            return gated
+
+        return _replace_behavior(handler, decorate, request_deserializer=deserialize)
 
 
 def _final_code(context: grpc.ServicerContext, raised: bool) -> grpc.StatusCode:
@@ -179,9 +399,11 @@ def format_access_line(fields: dict) -> str:
 class AccessLogInterceptor(grpc.ServerInterceptor):
     """One log line and the metrics per call: method, status code, latency, peer, annotations.
 
-    Outermost, so calls refused by auth or the rate limit are logged and counted too. Never logs
-    request or response bodies (no image bytes in logs). The fields also travel as
-    `record.fields`, which the JSON log format writes as one object.
+    Outermost, so calls refused by auth, the rate limit, admission or the message size limit are
+    logged and counted too, and so are calls to a method the server does not have
+    (UNIMPLEMENTED, counted under method="unknown"). Never logs request or response bodies (no
+    image bytes in logs). The fields also travel as `record.fields`, which the JSON log format
+    writes as one object.
     """
 
     def __init__(self, metrics: Metrics | None):
@@ -204,11 +426,19 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
         }
         access_log.info(format_access_line(line), extra={"fields": line})
 
+    def _unknown(self, method: str) -> None:
+        """An unknown method: gRPC answers UNIMPLEMENTED without a handler (so no peer here)."""
+        if self._metrics is not None:
+            self._metrics.requests.labels(UNKNOWN_METHOD, grpc.StatusCode.UNIMPLEMENTED.name).inc()
+        line = {"event": "rpc", "method": method[:200], "code": "UNIMPLEMENTED"}
+        access_log.info(format_access_line(line), extra={"fields": line})
+
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None:
-            return None
         method = handler_call_details.method
+        if handler is None:
+            self._unknown(method)
+            return None
         if getattr(handler.unary_stream, "experimental_non_blocking", False):
             # Health Watch streams answer from a callback, not a thread; wrapping would lose that
             # and pin a handler thread per watcher for its whole (long) life. Not logged.

@@ -4,7 +4,7 @@ server = HarServer(ServerConfig(port=0))
 server.start()          # listening, health NOT_SERVING
 server.load()           # Predictor loaded and warmed up, health SERVING
 ...
-server.stop()           # NOT_SERVING, drain, in-flight calls finish within the grace period
+server.stop()           # NOT_SERVING, drain, Watch streams end, in-flight calls finish (grace)
 """
 
 from __future__ import annotations
@@ -21,7 +21,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from grpc_server.config import ServerConfig
-from grpc_server.interceptors import AccessLogInterceptor, AuthInterceptor, RateLimitInterceptor
+from grpc_server.interceptors import (
+    AccessLogInterceptor,
+    AdmissionInterceptor,
+    AuthInterceptor,
+    CountingThreadPool,
+    MessageSizeInterceptor,
+    RateLimitInterceptor,
+)
 from grpc_server.metrics import Metrics
 from grpc_server.servicer import ActionRecognitionServicer
 from har_flax.proto.har.v1 import har_pb2, har_pb2_grpc
@@ -29,6 +36,19 @@ from har_flax.proto.har.v1 import har_pb2, har_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = har_pb2.DESCRIPTOR.services_by_name["ActionRecognition"].full_name
+# Threads for calls that never block (health, Classes, refusals), apart from the handler threads.
+FAST_THREADS = 4
+# gRPC's own limits, kept only as safety nets far above the ones the server enforces (and logs):
+# a message over MESSAGE_CEILING x --max-message-bytes, or more than concurrency_ceiling() calls
+# at once, is refused by gRPC without running a handler, and no server hook reports that, so it
+# is neither logged nor counted (docs/API.md, Operations).
+MESSAGE_CEILING = 2
+_GRPC_MAX_MESSAGE = 2**31 - 1
+
+
+def concurrency_ceiling(workers: int, max_queue: int) -> int:
+    """gRPC's maximum_concurrent_rpcs: 4x what admission lets in, at least 256."""
+    return max(256, 4 * (workers + max_queue))
 
 
 class ServerError(RuntimeError):
@@ -52,6 +72,56 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+class EndableHealthServicer(health.HealthServicer):
+    """The standard grpc.health.v1 servicer, plus `end_watches` to close open Watch streams.
+
+    grpcio-health-checking's `enter_graceful_shutdown` sends NOT_SERVING but leaves Watch streams
+    open, and a server stopping with a grace period waits for every open call: one watcher
+    would hold shutdown for the whole grace. Ending the streams (status OK, after the
+    NOT_SERVING they already got) lets the server stop once real work is done.
+    """
+
+    def __init__(self):
+        super().__init__()  # Marks our Watch non-blocking, as the base class does its own.
+        self._ends: set = set()
+        self._ends_lock = threading.Lock()
+        self._ended = False
+
+    def Watch(self, request, context, send_response_callback=None):
+        if send_response_callback is None:  # A server without non-blocking streams.
+            return super().Watch(request, context)
+        done = False
+
+        def send(response):
+            # Ends the stream once; later sends (the base class's own close callback) are
+            # dropped, since a finished call cannot be given a second status.
+            nonlocal done
+            with self._ends_lock:
+                if done:
+                    return
+                if response is None:
+                    done = True
+                    self._ends.discard(send)
+            send_response_callback(response)
+
+        with self._ends_lock:
+            self._ends.add(send)
+            ended = self._ended
+        result = super().Watch(request, context, send)
+        if ended:
+            send(None)
+        return result
+
+    def end_watches(self) -> int:
+        """Ends every open Watch stream (and any opened later); returns how many were open."""
+        with self._ends_lock:
+            self._ended = True
+            ends = list(self._ends)
+        for send in ends:
+            send(None)
+        return len(ends)
 
 
 def default_backend() -> str:
@@ -105,21 +175,30 @@ class HarServer:
             model_threads=config.model_threads,
             metrics=self.metrics,
         )
-        self.health = health.HealthServicer()
+        self.health = EndableHealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_httpd = None
         self._server: grpc.Server | None = None
+        self._pools: tuple[CountingThreadPool, futures.ThreadPoolExecutor] | None = None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
 
-    def _interceptors(self) -> list[grpc.ServerInterceptor]:
+    def _interceptors(
+        self, pool: CountingThreadPool, fast_pool: futures.ThreadPoolExecutor
+    ) -> list[grpc.ServerInterceptor]:
         # Order matters: the first is outermost, so refused calls are still logged and counted.
-        chain: list[grpc.ServerInterceptor] = [AccessLogInterceptor(self.metrics)]
-        if self.config.auth_token:
-            chain.append(AuthInterceptor(self.config.auth_token))
-        if self.config.rate_limit > 0:
-            chain.append(RateLimitInterceptor(self.config.rate_limit, self.config.rate_burst))
+        c = self.config
+        chain: list[grpc.ServerInterceptor] = [
+            AccessLogInterceptor(self.metrics),
+            MessageSizeInterceptor(c.max_message_bytes),
+        ]
+        if c.auth_token:
+            chain.append(AuthInterceptor(c.auth_token))
+        if c.rate_limit > 0:
+            chain.append(RateLimitInterceptor(c.rate_limit, c.rate_burst))
+        # Innermost, so an unauthenticated or rate-limited client hears that, not OVERLOADED.
+        chain.append(AdmissionInterceptor(pool, fast_pool, limit=c.workers + c.max_queue))
         return chain
 
     def start(self) -> int:
@@ -133,18 +212,27 @@ class HarServer:
         """
         c = self.config
         options = [
-            ("grpc.max_receive_message_length", c.max_message_bytes),
+            # MessageSizeInterceptor enforces max_message_bytes (logged, counted, with a
+            # reason); gRPC's own check, which nothing can log, is only the far-off ceiling.
+            (
+                "grpc.max_receive_message_length",
+                min(MESSAGE_CEILING * c.max_message_bytes, _GRPC_MAX_MESSAGE),
+            ),
             ("grpc.max_send_message_length", c.max_message_bytes),
             # Fail loudly if another server holds the port instead of silently sharing it.
             ("grpc.so_reuseport", 0),
         ]
+        pool = CountingThreadPool(max_workers=c.workers, thread_name_prefix="grpc")
+        fast_pool = futures.ThreadPoolExecutor(FAST_THREADS, thread_name_prefix="grpc-fast")
+        self._pools = (pool, fast_pool)
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=c.workers, thread_name_prefix="grpc"),
-            interceptors=self._interceptors(),
+            pool,
+            interceptors=self._interceptors(pool, fast_pool),
             options=options,
-            # Calls beyond the handler threads wait inside gRPC; bound that wait too, so an
-            # overloaded server answers RESOURCE_EXHAUSTED instead of queueing without limit.
-            maximum_concurrent_rpcs=c.workers + c.max_queue,
+            # AdmissionInterceptor bounds Predict (workers + max_queue) with a proper
+            # OVERLOADED reply; gRPC's bare limit, which counts health checks too, is only a
+            # safety net far above it.
+            maximum_concurrent_rpcs=concurrency_ceiling(c.workers, c.max_queue),
         )
         har_pb2_grpc.add_ActionRecognitionServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -207,8 +295,9 @@ class HarServer:
         """Graceful shutdown; safe to call twice.
 
         Health goes NOT_SERVING first and new Predict/Classes calls get UNAVAILABLE; after
-        `drain_s` (so load balancers notice) the port closes; calls already running get `grace_s`
-        to finish, then are cancelled.
+        `drain_s` (so load balancers notice) the port closes and open health Watch streams end
+        (they would otherwise hold shutdown for the whole grace); calls already running get
+        `grace_s` to finish, then are cancelled.
         """
         with self._stop_lock:
             if self._stopped.is_set():
@@ -223,8 +312,15 @@ class HarServer:
         if drain_s > 0:
             time.sleep(drain_s)
         if self._server is not None:
-            self._server.stop(grace_s).wait()
+            stopped = self._server.stop(grace_s)  # No new calls from here on.
+            watchers = self.health.end_watches()
+            if watchers:
+                log.info("ended %d health Watch stream(s)", watchers)
+            stopped.wait()
         self.servicer.close(timeout=grace_s + 1)
+        if self._pools is not None:
+            for pool in self._pools:
+                pool.shutdown(wait=False)
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()

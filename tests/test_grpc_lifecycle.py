@@ -203,3 +203,27 @@ def test_sigterm_while_the_model_compiles_exits_0_promptly(model_dir):
         assert "SERVING model=" not in server.text and "stopped" in server.text
     finally:
         server.close()
+
+
+def test_open_watch_stream_does_not_hold_shutdown_for_the_grace_period(model_dir):
+    """SIGTERM with a grpc.health.v1 Watch open: the watcher sees NOT_SERVING, then its stream
+    ends (status OK) after the drain, and the process exits in about drain time, not grace."""
+    server = ServerProcess(["--model", str(model_dir), "--grace", "15", "--drain", "0.3"])
+    channel = None
+    try:
+        server.wait_serving(timeout=300)
+        channel = grpc.insecure_channel(server.target)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=120
+        )
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        started = time.monotonic()
+        assert server.terminate(timeout=60) == 0, server.text[-3000:]
+        elapsed = time.monotonic() - started
+        rest = [reply.status for reply in watch]  # raises if the stream was cut, not ended
+        assert rest == [health_pb2.HealthCheckResponse.NOT_SERVING]
+        assert elapsed < 7, f"shutdown took {elapsed:.1f} s with --grace 15 --drain 0.3"
+    finally:
+        if channel is not None:
+            channel.close()
+        server.close()

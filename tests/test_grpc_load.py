@@ -8,6 +8,7 @@ servers with different settings share one loaded Predictor.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent import futures
@@ -243,3 +244,135 @@ def test_tiny_model_classes_reach_the_client(batched):
         stub(f"127.0.0.1:{batched.port}").Predict(
             har_pb2.PredictRequest(images=[jpeg(np.zeros((40, 40, 3), np.uint8))]), timeout=30)
     ).values()), 1.0, atol=1e-5)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Overload, health under load, and calls refused before a handler runs.
+
+PREDICT = "/har.v1.ActionRecognition/Predict"
+HOLD_S = 1.5  # how long each Predict holds the only handler thread in `one_worker`
+
+
+@pytest.fixture(scope="module")
+def one_worker(predictor):
+    """One handler thread and one queue slot: at most 2 Predict calls in the server at once.
+
+    Each Predict's batch waits HOLD_S for company that cannot come (the only handler thread is
+    the one waiting), so a burst of calls finds the server saturated for seconds.
+    """
+    server = _server(
+        predictor,
+        batching=True,
+        max_batch_size=8,
+        max_wait_us=int(HOLD_S * 1e6),
+        workers=1,
+        max_queue=1,
+    )
+    yield server
+    server.stop()
+
+
+def _access_lines(caplog, needle: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "grpc_server.access" and needle in r.getMessage()]  # fmt: skip
+
+
+def _outcome(call) -> tuple[grpc.StatusCode, dict, str]:
+    try:
+        call.result()
+        return grpc.StatusCode.OK, {}, ""
+    except grpc.RpcError as e:
+        return e.code(), rich_details(e), e.details()
+
+
+def test_overload_is_refused_by_the_server_with_overloaded_retry_info_logged_and_counted(
+    one_worker, inputs, caplog
+):
+    client = stub(f"127.0.0.1:{one_worker.port}")
+    labels = {"method": PREDICT, "code": "RESOURCE_EXHAUSTED"}
+    before = _sample(one_worker, "har_grpc_requests_total", **labels)
+    caplog.set_level(logging.INFO, logger="grpc_server.access")
+    request = har_pb2.PredictRequest(images=[inputs[0]])
+    calls = [client.Predict.future(request, timeout=30) for _ in range(5)]
+    outcomes = [_outcome(c) for c in calls]
+    codes = sorted(code.name for code, _, _ in outcomes)
+    # One call runs, one waits for the thread (--max-queue 1); the other three are refused.
+    assert codes == ["OK"] * 2 + ["RESOURCE_EXHAUSTED"] * 3, outcomes
+    for code, details, message in outcomes:
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            assert details["reason"] == "OVERLOADED", (details, message)
+            assert details["retry_s"] and details["retry_s"] > 0
+            assert "overloaded" in message
+    assert _sample(one_worker, "har_grpc_requests_total", **labels) - before == 3
+    refused = _access_lines(caplog, "Predict code=RESOURCE_EXHAUSTED")
+    assert len(refused) == 3 and all("reason=OVERLOADED" in line for line in refused), refused
+
+
+def test_health_answers_promptly_while_predict_is_saturated(one_worker, inputs):
+    target = f"127.0.0.1:{one_worker.port}"
+    client = stub(target)
+    request = har_pb2.PredictRequest(images=[inputs[1]])
+    calls = [client.Predict.future(request, timeout=30) for _ in range(4)]
+    try:
+        time.sleep(0.3)  # every call has arrived: the handler thread and the queue are taken
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+        t0 = time.monotonic()
+        for service in ("", "har.v1.ActionRecognition"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        own = client.Health(har_pb2.HealthRequest(), timeout=1.0)
+        assert own.status == har_pb2.HealthResponse.SERVING
+        assert time.monotonic() - t0 < 1.0
+        # The checks really ran under load: admitted Predict calls are still running.
+        assert not all(c.done() for c in calls)
+    finally:
+        codes = [_outcome(c)[0] for c in calls]
+    assert grpc.StatusCode.OK in codes
+
+
+@pytest.fixture(scope="module")
+def small_messages(predictor):
+    server = _server(predictor, batching=False, max_message_bytes=256 * 1024)
+    yield server
+    server.stop()
+
+
+def test_message_over_the_limit_is_refused_logged_and_counted(small_messages, caplog):
+    client = stub(f"127.0.0.1:{small_messages.port}")
+    labels = {"method": PREDICT, "code": "RESOURCE_EXHAUSTED"}
+    before = _sample(small_messages, "har_grpc_requests_total", **labels)
+    caplog.set_level(logging.INFO, logger="grpc_server.access")
+    over = b"\xff\xd8" + bytes(300 * 1024)
+    with pytest.raises(grpc.RpcError) as e:
+        client.Predict(har_pb2.PredictRequest(images=[over]), timeout=30)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = rich_details(e.value)
+    # No RetryInfo: the same request can never succeed (the web UI maps this to 413, not 429).
+    assert details["reason"] == "MESSAGE_TOO_LARGE" and details["retry_s"] is None
+    assert "--max-message-bytes" in e.value.details()
+    assert _sample(small_messages, "har_grpc_requests_total", **labels) - before == 1
+    lines = _access_lines(caplog, "Predict code=RESOURCE_EXHAUSTED")
+    assert len(lines) == 1 and "reason=MESSAGE_TOO_LARGE" in lines[0], lines
+    # Past twice the limit gRPC itself refuses the message before any handler runs: the same
+    # code, but bare (documented in docs/API.md, Operations).
+    with pytest.raises(grpc.RpcError) as e:
+        client.Predict(har_pb2.PredictRequest(images=[bytes(600 * 1024)]), timeout=30)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert rich_details(e.value)["reason"] is None
+    # Still serving.
+    ok = client.Predict(
+        har_pb2.PredictRequest(images=[jpeg(np.zeros((40, 40, 3), np.uint8))]), timeout=30
+    )
+    assert ok.all_predictions
+
+
+def test_unknown_method_is_logged_and_counted(small_messages, caplog):
+    caplog.set_level(logging.INFO, logger="grpc_server.access")
+    channel = grpc.insecure_channel(f"127.0.0.1:{small_messages.port}")
+    labels = {"method": "unknown", "code": "UNIMPLEMENTED"}
+    before = _sample(small_messages, "har_grpc_requests_total", **labels)
+    with pytest.raises(grpc.RpcError) as e:
+        channel.unary_unary("/har.v1.ActionRecognition/Nope")(b"", timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert _sample(small_messages, "har_grpc_requests_total", **labels) - before == 1
+    assert _access_lines(caplog, "method=/har.v1.ActionRecognition/Nope code=UNIMPLEMENTED")

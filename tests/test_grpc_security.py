@@ -98,6 +98,22 @@ def test_tls_and_token_are_required_for_predict(tls_server, certs, image):
     assert len(classes.classes) == 3
 
 
+def test_bearer_scheme_is_case_insensitive(tls_server, certs):
+    """RFC 7235: the auth scheme is case-insensitive; the token itself is not."""
+    client = stub(f"localhost:{tls_server.port}", _tls(certs))
+    for value in (f"bearer {TOKEN}", f"BEARER {TOKEN}", f"bEaReR  {TOKEN}"):
+        reply = client.Classes(har_pb2.ClassesRequest(), metadata=(("authorization", value),),
+                               timeout=10)  # fmt: skip
+        assert len(reply.classes) == 3, value
+    for value in (f"bearer {TOKEN.upper()}", f"Basic {TOKEN}", f"bearer{TOKEN}", TOKEN,
+                  f"bearer {TOKEN}x", "bearer"):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as e:
+            client.Classes(har_pb2.ClassesRequest(), metadata=(("authorization", value),),
+                           timeout=10)  # fmt: skip
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, value
+        assert "invalid" in e.value.details()
+
+
 def test_health_and_reflection_stay_open_without_a_token(tls_server, certs):
     channel = grpc.secure_channel(f"localhost:{tls_server.port}", _tls(certs))
     reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)

@@ -327,11 +327,14 @@ def test_bad_input_table(name, client, photos, photo_arrays):
     assert health.status == har_pb2.HealthResponse.SERVING
 
 
-def test_message_over_the_grpc_limit_is_resource_exhausted(client):
+def test_message_over_the_grpc_limit_is_resource_exhausted(server, client):
     huge = b"\xff\xd8" + bytes(17 * 1024 * 1024)  # over the 16 MiB default message limit
     with pytest.raises(grpc.RpcError) as e:
         _predict(client, [huge])
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Refused by the server itself (under 2x the limit), so with a reason, and in the log.
+    assert rich_details(e.value)["reason"] == "MESSAGE_TOO_LARGE"
+    server.wait_for_line(r"Predict code=RESOURCE_EXHAUSTED .*reason=MESSAGE_TOO_LARGE", 10)
     assert client.Health(har_pb2.HealthRequest(), timeout=10).status == 1
 
 
