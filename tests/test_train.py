@@ -471,7 +471,12 @@ def test_har_train_lists_skipped_images_and_stops_cleanly_on_ctrl_c(tmp_path):
                str(data), "--workdir", str(tmp_path / "w"), "--config", "tiny", "--no-progress",
                "--set", "data.skip_bad_images=true"]  # fmt: skip
     # Ctrl-C while it builds the model (outside the training loop): a message, no traceback.
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As from a terminal: SIGINT not ignored, whatever this process inherited (a job started
+    # in the background by a non-interactive shell ignores it, and so would its children).
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     err = []
     for line in proc.stderr:
         err.append(line)
