@@ -271,7 +271,8 @@ def test_an_undecodable_photo_shows_the_model_servers_message(watched):
     page.get_by_role("button", name="Recognize action").click()
     page.wait_for_selector("#error-view:not([hidden])")
     message = page.text_content("#error-message")
-    assert "images[0]" in message and "not an image" in message, message
+    # Named as the person knows it (the file), not by the API's field (images[0]).
+    assert message.startswith("broken.jpg: ") and "not an image" in message, message
     # The 400 itself is logged by Chromium as a failed resource; nothing else may be.
     watched.errors[:] = [e for e in watched.errors if "400" not in e]
     watched.assert_offline_and_clean()
@@ -334,6 +335,47 @@ def test_class_names_are_shown_as_text_never_as_html(browser, tiny_site, cat_jpe
         w.assert_offline_and_clean()
     finally:
         w.close()
+
+
+def test_a_page_opened_while_the_model_server_was_down_catches_up(browser, default_grpc, cat_jpeg):
+    # The page loads while nothing answers at the model server's address; the server then
+    # comes back (the built-in ImageNet model). The first result must come with the "not an
+    # action model" notice and a header that describes the model, not "not reachable".
+    front = support.TcpForwarder()  # nothing listens there yet
+    app = create_app({"HAR_GRPC_TARGET": front.target, "HAR_RATE_LIMIT_ENABLED": False})
+    server = support.WsgiServer(app)
+    w = Watched(browser, server.url)
+    try:
+        page = w.page
+        page.wait_for_selector("#model-info.warning")
+        header = page.text_content("#model-info")
+        assert "not reachable" in header, header
+        # Plain words only: no internal address, no gRPC core text.
+        for internal in (front.target, str(front.port), "ipv4", "failed to connect"):
+            assert internal not in header, header
+        assert page.is_hidden("#imagenet-notice")
+
+        front.forward(default_grpc.target)
+        support.wait_http(server.url + "health", timeout_s=15)
+        page.set_input_files(
+            "#file-input",
+            files=[{"name": "cat.jpg", "mimeType": "image/jpeg", "buffer": cat_jpeg}],
+        )
+        page.get_by_role("button", name="Recognize action").click()
+        page.wait_for_selector("#result-view:not([hidden])")
+        assert any(name in page.text_content("#top-action") for name in CAT_CLASSES)
+        assert page.is_visible("#imagenet-notice")
+        page.wait_for_selector("#model-info:has-text('ImageNet object classifier')")
+        assert "warning" not in (page.get_attribute("#model-info", "class") or "")
+        page.wait_for_selector("#classes-details:not([hidden])")
+        # Chromium logs the 503s of /classes while the server was down as failed resources.
+        w.errors[:] = [e for e in w.errors if "503" not in e]
+        w.assert_offline_and_clean()
+    finally:
+        w.close()
+        server.stop()
+        front.close()
+        app.extensions["har_client"].close()
 
 
 def test_results_survive_a_round_trip_through_json(site, cat_jpeg):

@@ -271,33 +271,37 @@ def test_a_photo_through_nginx_gunicorn_and_grpc(nginx, cat_jpeg):
 
 @needs_nginx
 def test_oversize_uploads_get_the_apps_json_413_from_nginx(nginx, gunicorn):
-    # nginx and the app limit the same thing (the whole body) to the same 10 MiB, so nginx
-    # answers every oversized upload before Python reads a byte, with the app's JSON.
-    status, headers, body = predict(nginx.url, [("big.jpg", b"\xff" * (10 * MiB + 1000), "")])
-    assert status == 413 and headers["Content-Type"] == "application/json"
-    assert json.loads(body) == {
-        "error": "Upload too large: the limit is 10 MB for all files together; "
+    # nginx and the app read request bodies up to the same 11 MiB (10 MiB of files plus 1 MiB
+    # for the form), so nginx answers every larger body before Python reads a byte, with the
+    # app's JSON.
+    too_large = {
+        "error": "Upload too large: the limit is 10 MiB for all files together; "
         "send a smaller photo or fewer frames",
         "code": "REQUEST_ENTITY_TOO_LARGE",
     }
+    status, headers, body = predict(nginx.url, [("big.jpg", b"\xff" * (11 * MiB + 1000), "")])
+    assert status == 413 and headers["Content-Type"] == "application/json"
+    assert json.loads(body) == too_large
     assert '"POST /predict HTTP/1.1" 413' not in gunicorn["log"].read_text()
+    # Files just over 10 MiB in a body under 11 MiB: the app answers, the same JSON.
+    status, headers, body = predict(nginx.url, [("big.jpg", b"\xff" * (10 * MiB + 1), "")])
+    assert status == 413 and json.loads(body) == too_large
     # Just under the limit passes nginx and the app and reaches the model server, which
     # judges the bytes (not an image) rather than their size.
-    status, headers, body = predict(nginx.url, [("big.jpg", b"\xff" * (10 * MiB - 1000), "")])
+    status, headers, body = predict(nginx.url, [("big.jpg", b"\xff" * (10 * MiB - 50), "")])
     assert status == 400, body
     assert json.loads(body)["code"] == "INVALID_ARGUMENT"
     # gunicorn alone (no nginx) still refuses the oversized body, with the same JSON.
-    status, headers, body = predict(gunicorn["url"], [("big.jpg", b"\xff" * (11 * MiB), "")])
-    assert status == 413 and json.loads(body)["code"] == "REQUEST_ENTITY_TOO_LARGE"
+    status, headers, body = predict(gunicorn["url"], [("big.jpg", b"\xff" * (12 * MiB), "")])
+    assert status == 413 and json.loads(body) == too_large
 
 
 def test_the_upload_limits_of_app_and_nginx_agree():
-    from webui import create_app
-    from webui.settings import DEFAULTS
+    from webui import create_app, settings
 
     text = (DEPLOY / "nginx" / "har-webui-locations.conf").read_text()
     nginx_mib = int(re.search(r"client_max_body_size (\d+)m;", text).group(1))
-    assert nginx_mib == DEFAULTS["HAR_MAX_UPLOAD_MB"]
+    assert nginx_mib * MiB == settings.max_request_bytes(settings.DEFAULTS)
     # nginx's 413 body is the app's, word for word.
     app = create_app({"HAR_RATE_LIMIT_ENABLED": False})
     app_body = app.test_client().post("/predict", data=b"x" * (nginx_mib * MiB + 1)).get_json()

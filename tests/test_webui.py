@@ -11,19 +11,29 @@ from __future__ import annotations
 import html.parser
 import io
 import json
+import logging
+import math
 import re
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import grpc
 import pytest
+import requests
 import test_webui_support as support
+from grpc_status import rpc_status
 from PIL import Image
 
 from har_flax.proto.har.v1 import har_pb2, har_pb2_grpc
 from webui import create_app
 from webui.security import CONTENT_SECURITY_POLICY
+
+MiB = 1024 * 1024
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -39,6 +49,22 @@ def rate_limited(request) -> support.GrpcServer:
     model = support.tiny_model_dir(request.getfixturevalue("tmp_path_factory"))
     args = ["--model", str(model), "--no-warmup", "--rate-limit", "0.01", "--rate-burst", "1"]
     return support.shared_server("rate-limited", args, request)
+
+
+@pytest.fixture(scope="session")
+def small_messages(request) -> support.GrpcServer:
+    """The tiny model behind a gRPC server that takes requests of at most 1 MiB."""
+    model = support.tiny_model_dir(request.getfixturevalue("tmp_path_factory"))
+    args = ["--model", str(model), "--no-warmup", "--max-message-bytes", str(MiB)]
+    return support.shared_server("small-messages", args, request)
+
+
+@pytest.fixture(scope="session")
+def one_worker(request) -> support.GrpcServer:
+    """The tiny model behind a gRPC server with one handler thread and a queue of one."""
+    model = support.tiny_model_dir(request.getfixturevalue("tmp_path_factory"))
+    args = ["--model", str(model), "--no-warmup", "--workers", "1", "--max-queue", "1"]
+    return support.shared_server("one-worker", args, request)
 
 
 @pytest.fixture(scope="session")
@@ -85,6 +111,47 @@ def animated_gif(frames: int = 4) -> bytes:
     buf = io.BytesIO()
     images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=100)
     return buf.getvalue()
+
+
+@pytest.fixture
+def serve():
+    """Serves apps on real HTTP ports (threaded werkzeug); returns their base URLs."""
+    servers, apps = [], []
+
+    def start(app) -> str:
+        apps.append(app)
+        servers.append(support.WsgiServer(app))
+        return servers[-1].url
+
+    yield start
+    for server in servers:
+        server.stop()
+    for app in apps:
+        app.extensions["har_client"].close()
+
+
+@pytest.fixture
+def http():
+    """A real HTTP client that talks to 127.0.0.1 directly (no proxy from the environment)."""
+    with requests.Session() as session:
+        session.trust_env = False
+        yield session
+
+
+def jpeg_of_size(photo: bytes, size: int) -> bytes:
+    """`photo` padded to exactly `size` bytes with JPEG comment segments: the same picture."""
+    need = size - len(photo)
+    assert need >= 4
+    segments = []
+    while need:
+        n = min(need, 65537)  # marker (2) + length (2) + at most 65533 bytes of comment
+        if 0 < need - n < 4:
+            n = need - 4
+        segments.append(b"\xff\xfe" + (n - 2).to_bytes(2, "big") + b"\0" * (n - 4))
+        need -= n
+    padded = photo[:2] + b"".join(segments) + photo[2:]
+    assert len(padded) == size
+    return padded
 
 
 def upload(client, *files: tuple[bytes, str], **form):
@@ -148,11 +215,13 @@ def test_settings_come_from_the_environment(monkeypatch, tiny):
     monkeypatch.setenv("HAR_RATE_LIMIT_ENABLED", "no")
     app = create_app()
     assert app.config["HAR_GRPC_TARGET"] == tiny.target
-    assert app.config["MAX_CONTENT_LENGTH"] == int(2.5 * 1024 * 1024)
+    assert app.config["HAR_MAX_UPLOAD_MB"] == 2.5
+    # The body may carry the multipart framing on top of the files' own limit.
+    assert app.config["MAX_CONTENT_LENGTH"] == int(2.5 * MiB) + MiB
     assert app.config["HAR_RATE_LIMIT_PREDICT"] == "7 per minute"
     assert app.config["HAR_RATE_LIMIT_ENABLED"] is False
     # test_config wins over the environment.
-    assert create_app({"HAR_MAX_UPLOAD_MB": 1}).config["MAX_CONTENT_LENGTH"] == 1024 * 1024
+    assert create_app({"HAR_MAX_UPLOAD_MB": 1}).config["MAX_CONTENT_LENGTH"] == 2 * MiB
 
 
 @pytest.mark.parametrize(
@@ -162,6 +231,8 @@ def test_settings_come_from_the_environment(monkeypatch, tiny):
         ("HAR_MAX_UPLOAD_MB", "0", "must be > 0"),
         ("HAR_GRPC_TLS", "maybe", "true/false"),
         ("HAR_GRPC_CA_CERT", "/nonexistent/ca.pem", "no such file"),
+        # More than one request to the model server can carry (16 MiB unless told otherwise).
+        ("HAR_MAX_UPLOAD_MB", "40", "HAR_GRPC_MAX_MESSAGE_MB"),
     ],
 )
 def test_bad_settings_fail_at_startup_naming_the_variable(monkeypatch, name, value, words):
@@ -250,11 +321,23 @@ def test_upload_mistakes_are_400_with_a_message(client):
     assert "top_k" in body["error"]
 
 
-def test_a_text_file_is_400_naming_the_field(client):
+def test_a_text_file_is_400_naming_the_file(client):
     body = assert_json_error(upload(client, (b"just some notes\n" * 20, "notes.txt")), 400)
     assert body["code"] == "INVALID_ARGUMENT"
-    assert "not an image" in body["error"]
-    assert body["violations"][0]["field"] == "images[0]"
+    assert body["error"].startswith("notes.txt: ") and "not an image" in body["error"]
+    assert body["violations"][0]["field"] == "images[0]"  # for programs: the gRPC field
+    assert body["violations"][0]["file"] == "notes.txt"
+
+
+def test_a_bad_frame_is_named_by_its_file_and_frame_number(client, cat_jpeg):
+    truncated = cat_jpeg[: len(cat_jpeg) // 2]
+    body = assert_json_error(upload(client, (cat_jpeg, "cat.jpg"), (truncated, "trunc.jpg")), 400)
+    assert body["error"].startswith("trunc.jpg (frame 2): "), body["error"]
+    assert "truncated" in body["error"] and "images[" not in body["error"]
+    assert body["violations"] == [
+        {"field": "images[1]", "description": body["violations"][0]["description"],
+         "file": "trunc.jpg"}
+    ]  # fmt: skip
 
 
 def test_too_many_pixels_for_the_model_server_is_413(client):
@@ -268,7 +351,33 @@ def test_too_many_pixels_for_the_model_server_is_413(client):
 def test_a_body_over_max_content_length_is_413_json(tiny):
     client = make_app(tiny.target, HAR_MAX_UPLOAD_MB=0.05).test_client()
     body = assert_json_error(upload(client, (b"\xff" * 60_000, "big.jpg")), 413)
-    assert "0.05 MB" in body["error"]
+    assert "0.05 MiB" in body["error"]
+    # A body past MAX_CONTENT_LENGTH (files plus the form's framing) is refused unread.
+    body = assert_json_error(upload(client, (b"\xff" * (2 * MiB), "bigger.jpg")), 413)
+    assert "0.05 MiB" in body["error"]
+
+
+def test_files_up_to_the_limit_pass_whatever_the_form_adds(tiny, serve, http, cat_jpeg):
+    # What the page checks (the files' bytes, data-max-upload-bytes) is what the server
+    # allows: a file 50 bytes under the limit is classified, one byte over is 413.
+    url = serve(make_app(tiny.target, HAR_MAX_UPLOAD_MB=0.5))
+    limit = MiB // 2
+    under = jpeg_of_size(cat_jpeg, limit - 50)
+    response = http.post(url + "predict", files={"file": ("under.jpg", under, "image/jpeg")})
+    assert response.status_code == 200, response.text
+    assert response.json()["action"] in support.TINY_CLASSES
+    page = http.get(url).text
+    assert f'data-max-upload-bytes="{limit}"' in page and "up to 0.5 MiB" in page
+    # Two frames and a top_k field, 50 bytes under together: still only the files count.
+    halves = (jpeg_of_size(cat_jpeg, limit // 2), jpeg_of_size(cat_jpeg, limit // 2 - 50))
+    files = [("file", (f"{i}.jpg", half, "image/jpeg")) for i, half in enumerate(halves)]
+    response = http.post(url + "predict", files=files, data={"top_k": "1"})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["all_predictions"]) == 1
+    over = jpeg_of_size(cat_jpeg, limit + 1)
+    response = http.post(url + "predict", files={"file": ("over.jpg", over, "image/jpeg")})
+    assert response.status_code == 413, response.text
+    assert response.json()["error"].startswith("Upload too large: the limit is 0.5 MiB ")
 
 
 def test_model_server_overload_is_429_with_retry_after(rate_limited):
@@ -280,22 +389,190 @@ def test_model_server_overload_is_429_with_retry_after(rate_limited):
     assert int(client.get("/classes").headers["Retry-After"]) >= 1
 
 
-def test_a_wrong_token_is_401(tiny, cat_jpeg):
-    client = make_app(tiny.target, HAR_GRPC_TOKEN="not-the-token").test_client()
-    body = assert_json_error(upload(client, (cat_jpeg, "cat.jpg")), 401)
-    assert body["code"] == "UNAUTHENTICATED" and "HAR_GRPC_TOKEN" in body["error"]
+def test_retry_after_is_the_model_servers_and_only_on_errors(rate_limited, serve, http):
+    # The web UI's own limiter is on, with a window (a day) far longer than the model
+    # server's RetryInfo (about 100 s): its Retry-After must not replace the server's, and
+    # must not appear on answers that are not errors.
+    app = make_app(rate_limited.target, HAR_RATE_LIMIT_ENABLED=True,
+                   HAR_RATE_LIMIT_DEFAULT="1000 per day")  # fmt: skip
+    url = serve(app)
+    page = http.get(url)
+    assert page.status_code == 200 and "Retry-After" not in page.headers
+    for _ in range(2):  # the first may still find a token in the server's bucket
+        response = http.get(url + "classes")
+        if response.status_code == 200:
+            assert "Retry-After" not in response.headers
+        else:
+            break
+    # The reference: the model server's own RetryInfo, asked directly from the same address.
+    with grpc.insecure_channel(rate_limited.target) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            har_pb2_grpc.ActionRecognitionStub(channel).Classes(har_pb2.ClassesRequest())
+    details = rpc_status.from_call(refused.value).details
+    retry = next(d for d in details if d.TypeName() == "google.rpc.RetryInfo")
+    from google.rpc import error_details_pb2
+
+    info = error_details_pb2.RetryInfo()
+    retry.Unpack(info)
+    expected = math.ceil(info.retry_delay.ToNanoseconds() / 1e9)
+    response = http.get(url + "classes")
+    assert response.status_code == 429, response.text
+    assert response.json()["reason"] == "RATE_LIMITED"
+    assert abs(int(response.headers["Retry-After"]) - expected) <= 1, (
+        response.headers["Retry-After"], expected
+    )  # fmt: skip
 
 
-def test_no_model_server_is_503_everywhere():
-    client = make_app(f"127.0.0.1:{support.free_port()}").test_client()
+def test_a_full_model_server_is_503_with_its_retry_after(one_worker, serve, http, cat_jpeg):
+    # Two reflection streams that wait for their client fill the server's handler thread and
+    # its queue of one; a Predict then finds it full (OVERLOADED, RetryInfo 0.5 s).
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    release = threading.Event()
+
+    def waiting_requests():
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        release.wait(30)
+
+    # A Predict that slips in before the second stream waits in the queue instead; the short
+    # deadline ends its wait (504) and it still fills the queue, so the next one is refused.
+    url = serve(make_app(one_worker.target, HAR_GRPC_TIMEOUT_S=2))
+    with grpc.insecure_channel(one_worker.target) as channel:
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        streams = [reflection.ServerReflectionInfo(waiting_requests())]
+        try:
+            next(streams[0])  # it holds the handler thread; the second waits for it
+            streams.append(reflection.ServerReflectionInfo(waiting_requests()))
+            deadline = time.monotonic() + 10
+            while True:  # until the second is queued
+                response = http.post(
+                    url + "predict", files={"file": ("cat.jpg", cat_jpeg)}, timeout=60
+                )
+                if response.status_code not in (200, 504) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+        finally:
+            release.set()
+            for stream in streams:
+                stream.cancel()
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"] == "1"  # the server's 0.5 s, in whole seconds
+    body = response.json()
+    assert body["code"] == "RESOURCE_EXHAUSTED" and body["reason"] == "OVERLOADED"
+    assert body["error"] == "The model server is busy right now; try again in a moment"
+
+
+def test_a_bare_resource_exhausted_is_overload_not_too_large(serve, http, cat_jpeg):
+    # gRPC core's "Concurrent RPC limit exceeded!" carries no details. It says the server is
+    # full, not that the upload is too big: 503 with a Retry-After, so clients come back.
+    server = support.BareGrpcServer(max_concurrent_rpcs=1)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            held = channel.unary_unary(
+                "/har.v1.ActionRecognition/Predict",
+                request_serializer=har_pb2.PredictRequest.SerializeToString,
+                response_deserializer=har_pb2.PredictResponse.FromString,
+            ).future(har_pb2.PredictRequest(images=[cat_jpeg]), timeout=30)
+            assert server.predicting.wait(10)  # the one slot is taken
+            url = serve(make_app(server.target))
+            response = http.post(url + "predict", files={"file": ("cat.jpg", cat_jpeg)})
+            assert response.status_code == 503, response.text
+            assert int(response.headers["Retry-After"]) >= 1
+            body = response.json()
+            assert body["code"] == "RESOURCE_EXHAUSTED"
+            assert "busy" in body["error"] and "Concurrent" not in body["error"]
+            server.release.set()
+            assert held.result().action == "waiting"
+    finally:
+        server.stop()
+
+
+def test_grpc_cores_message_size_limit_is_an_actionable_413(
+    small_messages, serve, http, cat_jpeg, caplog
+):
+    # The web UI was told the server takes 8 MiB; it takes 1 MiB. The person learns the real
+    # limit in plain words; the operator gets the settings to fix in the log.
+    app = make_app(small_messages.target, HAR_MAX_UPLOAD_MB=4, HAR_GRPC_MAX_MESSAGE_MB=8)
+    url = serve(app)
+    photo = jpeg_of_size(cat_jpeg, 3 * MiB)
+    with caplog.at_level(logging.WARNING, logger="webui"):
+        response = http.post(url + "predict", files={"file": ("big.jpg", photo, "image/jpeg")})
+    assert response.status_code == 413, response.text
+    body = response.json()
+    assert body["code"] == "RESOURCE_EXHAUSTED"
+    # The limit named is the server's (1 MiB of message, or gRPC core's ceiling above it).
+    stated = re.fullmatch(
+        r"The upload is larger than the model server accepts \((\d+(?:\.\d)?) MiB\); "
+        r"send a smaller photo or fewer frames",
+        body["error"],
+    )
+    assert stated, body["error"]
+    assert 1 <= float(stated.group(1)) < 3
+    assert "HAR_MAX_UPLOAD_MB" in caplog.text
+
+
+@pytest.mark.parametrize("token", ["not-the-token", ""], ids=["wrong-token", "no-token"])
+def test_a_token_the_model_server_refuses_is_the_web_uis_fault(tiny, cat_jpeg, caplog, token):
+    # The browser user can do nothing about it: a 502 that says so, /health not ok (so the
+    # deployment's probes notice), and the details for the operator in the log.
+    client = make_app(tiny.target, HAR_GRPC_TOKEN=token).test_client()
+    with caplog.at_level(logging.ERROR, logger="webui"):
+        health = client.get("/health")
+        body = assert_json_error(upload(client, (cat_jpeg, "cat.jpg")), 502)
+    assert health.status_code == 503
+    assert health.get_json()["status"] == "misconfigured"
+    assert "rejected its credentials" in health.get_json()["error"]
+    assert body["code"] == "UNAUTHENTICATED"
+    assert body["error"].startswith(
+        "The web UI is misconfigured: the model server rejected its credentials"
+    )
+    assert "HAR_GRPC_TOKEN" in caplog.text and tiny.target in caplog.text
+    assert_json_error(client.get("/classes"), 502)
+
+
+def test_no_model_server_is_503_everywhere_without_internals():
+    target = f"127.0.0.1:{support.free_port()}"
+    client = make_app(target).test_client()
     for response in (
         client.get("/health"),
         client.get("/classes"),
         upload(client, (jpeg(64, 64), "a.jpg")),
     ):
         body = assert_json_error(response, 503)
-        assert "unavailable" in body["error"]
+        assert "not reachable" in body["error"]
+        # Neither the internal address nor gRPC core's text reaches the browser.
+        for internal in (target, str(target.rsplit(":")[1]), "ipv4", "failed to connect"):
+            assert internal not in body["error"]
     assert client.get("/").status_code == 200  # the page still loads, and says why it waits
+
+
+def test_the_web_ui_reconnects_within_seconds_of_the_model_server_returning(tiny, serve, http):
+    # The model server is down long enough for gRPC's default reconnect backoff (1 s, x1.6
+    # per failed attempt, up to 120 s) to reach 4-6 s between attempts; the web UI's channel
+    # must still notice the server's return within a few seconds.
+    front = support.TcpForwarder()
+    front.reject()  # accepts and drops every connection: each is a reconnect attempt
+    try:
+        url = serve(make_app(front.target))
+        start = time.monotonic()
+        while time.monotonic() - start < 8:
+            assert http.get(url + "health").status_code == 503
+            time.sleep(0.25)
+        # Bring the server back right after an attempt: the next one is a full backoff away.
+        attempts = len(front.accepted)
+        deadline = time.monotonic() + 12
+        while len(front.accepted) == attempts:
+            assert time.monotonic() < deadline, f"no reconnect attempt: {front.accepted}"
+            time.sleep(0.02)
+        front.close()
+        front.forward(tiny.target)
+        back = time.monotonic()
+        while http.get(url + "health").status_code != 200:
+            waited = time.monotonic() - back
+            assert waited < 4, f"still 503 {waited:.1f} s after the server came back"
+            time.sleep(0.1)
+    finally:
+        front.close()
 
 
 def test_a_missed_deadline_is_504(tiny, cat_jpeg):
@@ -331,8 +608,10 @@ def test_rate_limit_is_per_client_and_spares_health(tiny, cat_jpeg):
     alice = {"REMOTE_ADDR": "10.0.0.1"}
     for _ in range(2):
         assert upload_as(client, alice, cat_jpeg).status_code == 200
-    body = assert_json_error(upload_as(client, alice, cat_jpeg), 429)
+    refused = upload_as(client, alice, cat_jpeg)
+    body = assert_json_error(refused, 429)
     assert "2 per 1 minute" in body["error"]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 61  # the limiter's own window (60 s)
     assert upload_as(client, {"REMOTE_ADDR": "10.0.0.2"}, cat_jpeg).status_code == 200
     for _ in range(5):
         assert client.get("/health", environ_base=alice).status_code == 200
@@ -421,30 +700,89 @@ def test_metrics_count_requests_and_model_server_calls(client, cat_jpeg):
 # --------------------------------------------------------------------------- har-webui
 
 
+def start_har_webui(tmp_path, *args: str) -> tuple[subprocess.Popen, str]:
+    """Runs `har-webui ... --port 0`; returns the process and its URL once /health is 200."""
+    log_path = tmp_path / "webui.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "webui.main", "--port", "0", *args],
+            cwd=support.REPO, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = None
+    for _ in range(300):
+        match = re.search(r"listening on (http://\S+/)", log_path.read_text())
+        if match:
+            url = match.group(1)
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"har-webui exited with {proc.returncode}:\n{log_path.read_text()}")
+        time.sleep(0.1)
+    if url is None:
+        support.stop_process(proc, signal.SIGKILL)
+        pytest.fail("har-webui printed no URL")
+    support.wait_http(url + "health", proc=proc, log=log_path)
+    return proc, url
+
+
 def test_har_webui_serves_until_sigterm(tiny, tmp_path):
-    log = (tmp_path / "webui.log").open("w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "webui.main", "--grpc-target", tiny.target, "--port", "0",
-         "--grpc-token", support.TINY_TOKEN],
-        cwd=support.REPO, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    proc, url = start_har_webui(
+        tmp_path, "--grpc-target", tiny.target, "--grpc-token", support.TINY_TOKEN
+    )
     try:
-        url = None
-        for _ in range(100):
-            match = re.search(r"listening on (http://\S+/)", (tmp_path / "webui.log").read_text())
-            if match:
-                url = match.group(1)
-                break
-            assert proc.poll() is None, (tmp_path / "webui.log").read_text()
-            support.time.sleep(0.1)
-        assert url, "har-webui printed no URL"
-        support.wait_http(url + "health", proc=proc)
         with support.urllib.request.urlopen(url + "classes") as response:
             assert json.load(response)["classes"] == list(support.TINY_CLASSES)
     finally:
         code = support.stop_process(proc)
-        log.close()
     assert code == 0
+
+
+def test_har_webui_finishes_an_upload_in_progress_at_sigterm(tiny, tmp_path, cat_jpeg):
+    proc, url = start_har_webui(
+        tmp_path, "--grpc-target", tiny.target, "--grpc-token", support.TINY_TOKEN
+    )
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    boundary = "har-sigterm-test"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="cat.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + cat_jpeg
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            # Half the photo, then the stop signal while the app waits for the rest.
+            conn.sendall(head + body[: len(body) // 2])
+            time.sleep(1.5)
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while True:  # it stops accepting new connections...
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                except ConnectionRefusedError:
+                    break
+                except OSError:
+                    pass  # e.g. a timeout on a loaded machine: try again
+                assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
+                time.sleep(0.1)
+            assert proc.poll() is None, "har-webui exited with an upload in progress"
+            conn.sendall(body[len(body) // 2 :])  # ...and finishes the one in progress
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 200"), answer[:500]
+        prediction = json.loads(rest.partition(b"\r\n\r\n")[2])
+        assert prediction["action"] in support.TINY_CLASSES
+        assert proc.wait(timeout=15) == 0
+    finally:
+        support.stop_process(proc, signal.SIGKILL)
 
 
 def test_har_webui_rejects_bad_settings():
@@ -454,3 +792,14 @@ def test_har_webui_rejects_bad_settings():
     )  # fmt: skip
     assert result.returncode == 2
     assert "HAR_MAX_UPLOAD_MB must be > 0" in result.stderr
+    # An upload limit the model server cannot take (16 MiB unless told otherwise) is refused,
+    # naming what to change.
+    result = subprocess.run(
+        [sys.executable, "-m", "webui.main", "--max-upload-mb", "40"],
+        capture_output=True, text=True, timeout=60, cwd=support.REPO,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "HAR_MAX_UPLOAD_MB=40 does not fit" in result.stderr
+    assert "at most 16 MiB (HAR_GRPC_MAX_MESSAGE_MB" in result.stderr
+    app = create_app({"HAR_MAX_UPLOAD_MB": 40, "HAR_GRPC_MAX_MESSAGE_MB": 64})
+    assert app.extensions["har_client"]._max_send_bytes == 64 * MiB

@@ -236,3 +236,130 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: f
 def env_without_proxies() -> dict[str, str]:
     """os.environ minus proxy settings, so clients talk to 127.0.0.1 directly."""
     return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+
+
+class TcpForwarder:
+    """A real TCP front for a model server at a fixed port, to take it down and bring it back.
+
+    The web UI is pointed at `target` (127.0.0.1 and a free port) for its whole life, as it
+    would be at a load balancer's address, while the test switches what is behind it:
+    - `close()`: nothing listens (connections are refused), as when the server is down;
+    - `reject()`: connections are accepted and closed at once, as by a load balancer with no
+      live backend; each one is recorded in `accepted` (monotonic times), so a test can see
+      when the web UI's channel tries to reconnect;
+    - `forward(backend)`: every connection is relayed byte for byte to `backend` (host:port).
+    """
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.accepted: list[float] = []
+        self._backend: tuple[str, int] | None = None
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+
+    def reject(self) -> None:
+        self._backend = None
+        self._listen()
+
+    def forward(self, backend: str) -> None:
+        host, port = backend.rsplit(":", 1)
+        self._backend = (host, int(port))
+        self._listen()
+
+    def _listen(self) -> None:
+        if self._listener is not None:
+            return
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        self._thread = threading.Thread(target=self._accept_loop, args=(listener,), daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed
+            backend = self._backend
+            if backend is None:
+                self.accepted.append(time.monotonic())
+                conn.close()
+                continue
+            try:
+                upstream = socket.create_connection(backend, timeout=5)
+            except OSError:
+                conn.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._conns += [conn, upstream]
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Stops listening and cuts every relayed connection."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+            self._thread.join(timeout=5)
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+
+class BareGrpcServer(har_pb2_grpc.ActionRecognitionServicer):
+    """A minimal har.v1 server in this process, without grpc_server's error details.
+
+    It stands for a server written another way (another language, an older release): its
+    limits are gRPC core's own, answered with bare statuses that carry no google.rpc details,
+    such as "Concurrent RPC limit exceeded!" (`max_concurrent_rpcs`). Predict holds each call
+    until `release` is set, so a test can fill the server up deterministically.
+    """
+
+    def __init__(self, *, max_concurrent_rpcs: int | None = None):
+        from concurrent import futures
+
+        self.release = threading.Event()
+        self.predicting = threading.Event()
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4), maximum_concurrent_rpcs=max_concurrent_rpcs
+        )
+        har_pb2_grpc.add_ActionRecognitionServicer_to_server(self, self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.target = f"127.0.0.1:{self.port}"
+        self._server.start()
+
+    def Health(self, request, context):
+        return har_pb2.HealthResponse(status=har_pb2.HealthResponse.SERVING)
+
+    def Predict(self, request, context):
+        self.predicting.set()
+        self.release.wait(30)
+        return har_pb2.PredictResponse(action="waiting", confidence=1.0)
+
+    def stop(self) -> None:
+        self.release.set()
+        self._server.stop(grace=None).wait(10)

@@ -21,8 +21,6 @@ from webui.grpc_client import ModelClient
 
 __all__ = ["create_app"]
 
-_MIB = 1024 * 1024
-
 
 def _read(path: str) -> bytes | None:
     return Path(path).read_bytes() if path else None
@@ -41,8 +39,8 @@ def _make_client(config: Mapping[str, Any]) -> ModelClient:
         server_name=config["HAR_GRPC_SERVER_NAME"],
         token=token,
         timeout_s=float(config["HAR_GRPC_TIMEOUT_S"]),
-        # The upload limit plus room for the protobuf framing of each image.
-        max_send_bytes=int(float(config["HAR_MAX_UPLOAD_MB"]) * _MIB) + _MIB,
+        # What the model server accepts (settings.validate checked that an upload fits).
+        max_send_bytes=settings.max_message_bytes(config),
     )
 
 
@@ -50,7 +48,10 @@ def _init_limiter(app: flask.Flask) -> Limiter:
     """Per-client rate limits: a default for every route, a stricter one for /predict."""
     app.config.setdefault("RATELIMIT_ENABLED", bool(app.config["HAR_RATE_LIMIT_ENABLED"]))
     app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["HAR_RATE_LIMIT_STORAGE"])
-    app.config.setdefault("RATELIMIT_HEADERS_ENABLED", True)
+    # Off: flask-limiter would put its own Retry-After on every response (200s included) and
+    # overwrite the model server's RetryInfo on 429/503. errors.py sets Retry-After instead:
+    # the model server's on its errors, the limiter's window on the limiter's own 429.
+    app.config["RATELIMIT_HEADERS_ENABLED"] = False
     limiter = Limiter(
         get_remote_address,
         app=app,
@@ -85,7 +86,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> flask.Flask:
     if test_config:
         app.config.from_mapping(test_config)
     settings.validate(app.config)
-    app.config["MAX_CONTENT_LENGTH"] = int(float(app.config["HAR_MAX_UPLOAD_MB"]) * _MIB)
+    # The body may exceed the upload limit by the multipart framing; api.predict checks the
+    # files themselves against the limit, to the byte.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes(app.config)
     app.json.sort_keys = False  # keep "action" first, as DESIGN.md shows
 
     proxies = int(app.config["HAR_TRUSTED_PROXIES"])

@@ -6,9 +6,13 @@ Thin: check the upload, call the model server through the gRPC client adapter, t
 
 from __future__ import annotations
 
-import flask
+import re
 
-from webui.grpc_client import ModelClient, ModelServerError
+import flask
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from webui import settings
+from webui.grpc_client import MISCONFIGURED, ModelClient, ModelServerError
 
 bp = flask.Blueprint("api", __name__)
 
@@ -35,6 +39,10 @@ def _call(rpc: str, fn, *args, **kwargs):
     return result
 
 
+class UploadTooLarge(RequestEntityTooLarge):
+    """The files together are over the upload limit (413); the body has been read already."""
+
+
 class BadUpload(Exception):
     """The HTTP request itself is unusable (no file, empty file, bad top_k): 400."""
 
@@ -42,6 +50,30 @@ class BadUpload(Exception):
 @bp.errorhandler(BadUpload)
 def _bad_upload(e: BadUpload):
     return flask.jsonify(error=str(e), code="BAD_REQUEST"), 400
+
+
+# The model server names an image by its place in the request ("images[1]: truncated ...").
+_IMAGE_FIELD = re.compile(r"\bimages\[(\d+)\]")
+
+
+def _name_files(e: ModelServerError, names: list[str]) -> None:
+    """Rewrites `images[i]` in the error as the uploaded file's name (and 1-based frame)."""
+
+    def label(i: int) -> str | None:
+        if i >= len(names):
+            return None
+        if len(names) == 1:
+            return names[0] or "the photo"
+        return f"{names[i]} (frame {i + 1})" if names[i] else f"frame {i + 1}"
+
+    def replace(match: re.Match) -> str:
+        return label(int(match.group(1))) or match.group(0)
+
+    e.message = _IMAGE_FIELD.sub(replace, e.message)
+    for violation in e.violations:
+        field = _IMAGE_FIELD.fullmatch(violation.get("field", ""))
+        if field and int(field.group(1)) < len(names) and names[int(field.group(1))]:
+            violation["file"] = names[int(field.group(1))]
 
 
 @bp.post("/predict")
@@ -65,11 +97,16 @@ def predict():
             f"(repeat the field for the frames of a sequence); got {sent}"
         )
     images = []
+    limit, total = settings.max_upload_bytes(flask.current_app.config), 0
     for i, f in enumerate(files):
         data = f.read()
         if not data:
             name = f.filename or f"file #{i + 1}"
             raise BadUpload(f"{name!s} is empty (0 bytes); choose a JPEG, PNG, WebP, GIF or BMP")
+        total += len(data)
+        if total > limit:
+            # MAX_CONTENT_LENGTH leaves room for the form's framing; the files get the limit.
+            raise UploadTooLarge()
         images.append(data)
     raw_top_k = flask.request.values.get("top_k", "0")
     try:
@@ -84,7 +121,11 @@ def predict():
     metrics = _metrics()
     metrics.upload_bytes.observe(sum(len(b) for b in images))
     metrics.frames.observe(len(images))
-    return flask.jsonify(_call("Predict", client().predict, images, top_k=top_k))
+    try:
+        return flask.jsonify(_call("Predict", client().predict, images, top_k=top_k))
+    except ModelServerError as e:
+        _name_files(e, [f.filename or "" for f in files])
+        raise
 
 
 @bp.get("/classes")
@@ -98,11 +139,18 @@ def health():
     """200 when the model server is SERVING, else 503; the body says which model or why not.
 
     Load balancers and systemd/k8s probes use this; it calls the model server's cheap Health
-    RPC (never the model) with a short deadline.
+    RPC (never the model) with a short deadline, and Classes (also cheap, but it needs the
+    token) until the server has accepted the web UI's credentials once since the last refusal:
+    a web UI the server refuses is not healthy, whatever Health says.
     """
+    model_client = client()
     try:
-        answer = _call("Health", client().health)
+        answer = _call("Health", model_client.health)
+        if answer["status"] == "SERVING" and model_client.credentials_ok is not True:
+            _call("Classes", model_client.classes)
     except ModelServerError as e:
+        if e.credentials_rejected:
+            return flask.jsonify(status="misconfigured", error=MISCONFIGURED, code=e.code), 503
         return flask.jsonify(status="unavailable", error=e.message, code=e.code), 503
     ok = answer["status"] == "SERVING"
     body = {"status": "ok" if ok else "unavailable", "model_server": answer["status"]}

@@ -7,11 +7,12 @@ API_PATHS, and every client that does not prefer HTML, gets JSON.
 from __future__ import annotations
 
 import math
+import time
 
 import flask
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, TooManyRequests
 
-from webui.api import API_PATHS
+from webui.api import API_PATHS, UploadTooLarge
 from webui.grpc_client import ModelServerError
 
 
@@ -29,7 +30,7 @@ def _message(e: HTTPException) -> str:
     if isinstance(e, RequestEntityTooLarge):
         limit_mb = app.config["HAR_MAX_UPLOAD_MB"]
         return (
-            f"Upload too large: the limit is {limit_mb:g} MB for all files together; "
+            f"Upload too large: the limit is {limit_mb:g} MiB for all files together; "
             "send a smaller photo or fewer frames"
         )
     if isinstance(e, TooManyRequests):
@@ -73,12 +74,21 @@ def _drain_body() -> None:
         pass  # the client gave up; nothing left to protect
 
 
+def _limiter_retry_after(app: flask.Flask) -> str | None:
+    """Seconds until the breached flask-limiter window resets (the limiter's own 429)."""
+    limiter = app.extensions.get("har_limiter")
+    limit = limiter.current_limit if limiter is not None else None
+    if limit is None:
+        return None
+    return str(max(1, math.ceil(limit.reset_at - time.time())))
+
+
 def init_app(app: flask.Flask) -> None:
     """Registers the app-wide error handlers."""
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
-        if isinstance(e, RequestEntityTooLarge):
+        if isinstance(e, RequestEntityTooLarge) and not isinstance(e, UploadTooLarge):
             _drain_body()
         message = _message(e)
         if _wants_json():
@@ -88,18 +98,25 @@ def init_app(app: flask.Flask) -> None:
                 flask.render_template("error.html", status=e.code, title=e.name, message=message)
             )
         response.status_code = e.code or 500
-        # Keep Allow (405) and Retry-After (429) headers werkzeug/flask-limiter computed.
+        # Keep the headers werkzeug computed (Allow on a 405).
         for name, value in e.get_headers():
             if name.lower() != "content-type":
                 response.headers[name] = value
+        if isinstance(e, TooManyRequests) and "Retry-After" not in response.headers:
+            retry = _limiter_retry_after(app)
+            if retry is not None:
+                response.headers["Retry-After"] = retry
         return response
 
     @app.errorhandler(ModelServerError)
     def _model_server_error(e: ModelServerError):
         response = flask.jsonify(e.to_json())
         response.status_code = e.http_status
-        if e.http_status in (429, 503) and e.retry_after_s is not None:
-            response.headers["Retry-After"] = str(max(1, math.ceil(e.retry_after_s)))
+        # The model server's RetryInfo, as it is: nothing else sets Retry-After (the limiter's
+        # header injection is off, see webui/__init__.py).
+        retry = e.retry_after_header()
+        if retry is not None:
+            response.headers["Retry-After"] = retry
         return response
 
     @app.errorhandler(Exception)

@@ -9,29 +9,37 @@ gRPC status → HTTP status (the body is always JSON `{"error": message, "code":
 | gRPC                | HTTP | why                                                           |
 | ------------------- | ---- | ------------------------------------------------------------- |
 | INVALID_ARGUMENT    | 400  | the upload is not a usable image / frame sequence             |
-| UNAUTHENTICATED     | 401  | the web UI's token (HAR_GRPC_TOKEN) is missing or wrong        |
-| PERMISSION_DENIED   | 403  |                                                               |
-| RESOURCE_EXHAUSTED  | 413  | the *request* is too big (see below)                         |
-| RESOURCE_EXHAUSTED  | 429  | the *server* is overloaded or rate-limits the web UI         |
-| UNAVAILABLE         | 503  | model not loaded yet, server down or shutting down           |
+| RESOURCE_EXHAUSTED  | 413  | the *request* is too big (see below)                          |
+| RESOURCE_EXHAUSTED  | 429  | the model server rate-limits the web UI (RATE_LIMITED)        |
+| RESOURCE_EXHAUSTED  | 503  | the model server is overloaded (see below)                    |
+| UNAVAILABLE         | 503  | model not loaded yet, server down or shutting down            |
 | DEADLINE_EXCEEDED   | 504  | no answer within HAR_GRPC_TIMEOUT_S                           |
-| anything else       | 502  | the model server failed; its message is passed on             |
+| UNAUTHENTICATED,    | 502  | the web UI's own credentials (HAR_GRPC_TOKEN, client          |
+| PERMISSION_DENIED   |      | certificate) are wrong: the operator's problem, not the user's|
+| anything else       | 502  | the model server failed                                       |
 
-RESOURCE_EXHAUSTED means two different things, told apart by the status details grpc_server
-sends (google.rpc.Status in the `grpc-status-details-bin` trailer):
-- 413 when the details carry a google.rpc.BadRequest (the field at fault) or ErrorInfo reason
-  IMAGE_TOO_LARGE: too many bytes, pixels or frames. Resending the same upload cannot succeed.
-- 429 when they carry RetryInfo or QuotaFailure, or ErrorInfo reason OVERLOADED (queue full) or
-  RATE_LIMITED: the same upload will work later; RetryInfo becomes a Retry-After header.
-- With no details at all (gRPC's own "Received message larger than max" check, or a server
-  in another language), a message naming a size (bytes, pixels, frames, "larger than",
-  "too large/many") means 413, anything else 429.
+RESOURCE_EXHAUSTED means different things, told apart by the status details grpc_server sends
+(google.rpc.Status in the `grpc-status-details-bin` trailer):
+- 413 for ErrorInfo reason IMAGE_TOO_LARGE or MESSAGE_TOO_LARGE, or a google.rpc.BadRequest (the
+  field at fault): too many bytes, pixels or frames. Resending the same upload cannot succeed.
+- 429 for reason RATE_LIMITED or QUOTA_EXCEEDED, 503 for OVERLOADED: the same upload will work
+  later. RetryInfo becomes the Retry-After header.
+- With no ErrorInfo, gRPC core's own "Received/Sent message larger than max (N vs. LIMIT)" is a
+  413 that names the limit; anything else ("Concurrent RPC limit exceeded!" from a server's
+  maximum_concurrent_rpcs) is overload: 503 with a Retry-After.
+
+Messages meant for people pass through only when the model server wrote them (a status with
+details, as grpc_server always sends, or INVALID_ARGUMENT). gRPC core's own texts ("failed to
+connect to all addresses; last error: ... ipv4:10.0.0.5:50051 ...") and the server address are
+logged on the `webui.grpc_client` logger and replaced by a plain sentence.
 The JSON body carries the gRPC code, the ErrorInfo reason and any BadRequest violations.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
 import re
 import threading
@@ -44,23 +52,36 @@ from grpc_status import rpc_status
 
 from har_flax.proto.har.v1 import har_pb2, har_pb2_grpc
 
+log = logging.getLogger(__name__)
+
 # Health and Classes never run the model; a short deadline keeps /health honest for probes.
 _CHEAP_RPC_TIMEOUT_S = 5.0
 
-# How a RESOURCE_EXHAUSTED message that carries no structured details says "too big".
-_TOO_BIG = re.compile(
-    r"too (large|big|many)|larger than|exceed|\b(bytes|pixels|frames)\b", re.IGNORECASE
-)
+# gRPC core's own size check: "Received message larger than max (17825800 vs. 16777216)" on
+# the server, "Sent message larger than max (...)" on our side of the channel.
+_CORE_TOO_BIG = re.compile(r"message larger than max \((\d+) vs\. (\d+)\)", re.IGNORECASE)
+# "... accepts at most 1.0 MiB (1048576 bytes, --max-message-bytes) ..." from grpc_server.
+_LIMIT_BYTES = re.compile(r"at most [^(]*\((\d+) bytes", re.IGNORECASE)
 _SIZE_REASONS = {"IMAGE_TOO_LARGE", "TOO_LARGE", "TOO_MANY_FRAMES", "MESSAGE_TOO_LARGE"}
-_LOAD_REASONS = {"OVERLOADED", "RATE_LIMITED", "QUOTA_EXCEEDED"}
+_MESSAGE_SIZE_REASONS = {"MESSAGE_TOO_LARGE"}
+_RATE_REASONS = {"RATE_LIMITED", "QUOTA_EXCEEDED"}
+# Without a RetryInfo, how long an overloaded server is given before a retry (Retry-After).
+DEFAULT_RETRY_AFTER_S = 1.0
+# How soon the channel retries a server that is down. gRPC's default backoff grows to 120 s,
+# so the UI would keep answering 503 for up to two minutes after the server is back.
+_RECONNECT_BACKOFF_MS = {"initial": 500, "min": 500, "max": 2_000}
 
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 502,
+    grpc.StatusCode.PERMISSION_DENIED: 502,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
+_CREDENTIAL_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+_MIB = 1024 * 1024
+
+MISCONFIGURED = "The web UI is misconfigured: the model server rejected its credentials"
 
 
 class ModelServerError(Exception):
@@ -69,10 +90,10 @@ class ModelServerError(Exception):
     Attributes:
       http_status: the HTTP status code to answer with.
       code: the gRPC status code name, e.g. "INVALID_ARGUMENT".
-      message: the server's message (meant for people).
+      message: what to tell the person (never the server address or gRPC core's text).
       reason: the google.rpc.ErrorInfo reason, e.g. "IMAGE_TOO_LARGE" ("" when none).
       violations: google.rpc.BadRequest field violations as [{"field", "description"}].
-      retry_after_s: the google.rpc.RetryInfo delay, or None.
+      retry_after_s: how long to wait before retrying (RetryInfo), or None.
     """
 
     def __init__(
@@ -92,6 +113,17 @@ class ModelServerError(Exception):
         self.reason = reason
         self.violations = violations or []
         self.retry_after_s = retry_after_s
+
+    @property
+    def credentials_rejected(self) -> bool:
+        """The model server refused the web UI itself (token or client certificate)."""
+        return self.code in {c.name for c in _CREDENTIAL_CODES}
+
+    def retry_after_header(self) -> str | None:
+        """The Retry-After value (whole seconds, at least 1) for a 429/503, else None."""
+        if self.http_status not in (429, 503) or self.retry_after_s is None:
+            return None
+        return str(max(1, math.ceil(self.retry_after_s)))
 
     def to_json(self) -> dict[str, Any]:
         """The HTTP body: {"error": message, "code": NAME[, "reason"][, "violations"]}."""
@@ -113,48 +145,102 @@ class _Details:
     retry_after_s: float | None = None
 
 
+def _mib(n: int) -> str:
+    return f"{n / _MIB:.1f}".removesuffix(".0") + " MiB"
+
+
+def _too_big_message(limit_bytes: int | None) -> str:
+    limit = f" ({_mib(limit_bytes)})" if limit_bytes else ""
+    return (
+        f"The upload is larger than the model server accepts{limit}; "
+        "send a smaller photo or fewer frames"
+    )
+
+
+def _resource_exhausted(message: str, details: _Details) -> tuple[int, str, float | None]:
+    """(HTTP status, message for people, retry-after) of a RESOURCE_EXHAUSTED."""
+    reason = details.reason
+    if reason in _MESSAGE_SIZE_REASONS:
+        limit = _LIMIT_BYTES.search(message)
+        return 413, _too_big_message(int(limit.group(1)) if limit else None), None
+    if reason in _SIZE_REASONS or (not reason and "BadRequest" in details.types):
+        return 413, message or _too_big_message(None), None
+    if reason in _RATE_REASONS or (not reason and "QuotaFailure" in details.types):
+        text = message or "The model server is rate-limiting this web UI"
+        return 429, text, details.retry_after_s
+    if not details.types:
+        core = _CORE_TOO_BIG.search(message)
+        if core:
+            return 413, _too_big_message(int(core.group(2))), None
+    # OVERLOADED, any other reason, or a bare RESOURCE_EXHAUSTED such as gRPC core's
+    # "Concurrent RPC limit exceeded!": the server is busy, the same upload will work later.
+    # Its message speaks of its own settings (queue sizes, threads): logged, not shown.
+    retry = details.retry_after_s if details.retry_after_s is not None else DEFAULT_RETRY_AFTER_S
+    return 503, "The model server is busy right now; try again in a moment", retry
+
+
 def translate_error(err: grpc.RpcError, target: str) -> ModelServerError:
     """Maps a failed call to the HTTP status and JSON body the API answers with.
 
+    What only the operator can use (the server address, gRPC core's text, a rejected
+    credential) is logged here, not returned.
+
     Args:
       err: the exception raised by a stub call (also a grpc.Call).
-      target: the server address, named in messages about an unreachable server.
+      target: the server address, for the log.
 
     Returns:
       The ModelServerError to raise (see the module docstring for the mapping).
     """
     code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
-    message = (err.details() if callable(getattr(err, "details", None)) else "") or ""
+    raw = (err.details() if callable(getattr(err, "details", None)) else "") or ""
     details = _rich_details(err)
+    # A status with details was written by the model server for people; without them the text
+    # is gRPC core's (or a foreign server's internals), so it goes to the log only.
+    from_server = bool(details.types) or code == grpc.StatusCode.INVALID_ARGUMENT
+    http_status = _HTTP_STATUS.get(code, 502)
+    retry_after_s = details.retry_after_s
+    message = raw if from_server else ""
 
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        if "BadRequest" in details.types or details.reason in _SIZE_REASONS:
-            http_status = 413
-        elif details.types & {"RetryInfo", "QuotaFailure"} or details.reason in _LOAD_REASONS:
-            http_status = 429
-        else:
-            http_status = 413 if _TOO_BIG.search(message) else 429
-    else:
-        http_status = _HTTP_STATUS.get(code, 502)
-
-    if code == grpc.StatusCode.UNAVAILABLE:
-        message = f"The model server at {target} is unavailable: {message or 'no reason given'}"
-    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        message = f"The model server at {target} did not answer in time; try again later"
-    elif code == grpc.StatusCode.UNAUTHENTICATED:
-        message = (
-            f"The model server rejected the web UI's credentials ({message}); "
-            "check HAR_GRPC_TOKEN against the server's --auth-token"
+        http_status, message, retry_after_s = _resource_exhausted(raw, details)
+        if http_status == 413 and (details.reason in _MESSAGE_SIZE_REASONS or not details.types):
+            log.warning(
+                "the model server at %s refused a request as too large: %s; keep "
+                "HAR_MAX_UPLOAD_MB below its --max-message-bytes",
+                target,
+                raw,
+            )
+        elif http_status == 503:
+            log.warning("the model server at %s is overloaded: %s", target, raw)
+    elif code in _CREDENTIAL_CODES:
+        log.error(
+            "the model server at %s rejected the web UI's credentials (%s: %s); check "
+            "HAR_GRPC_TOKEN / HAR_GRPC_TOKEN_FILE against its --auth-token, and the client "
+            "certificate",
+            target,
+            code.name,
+            raw,
         )
+        message = MISCONFIGURED + "; the operator must fix the web UI's settings (see its log)"
+    elif code == grpc.StatusCode.UNAVAILABLE:
+        if not from_server:
+            log.warning("the model server at %s is unavailable: %s", target, raw)
+            message = "The model server is not reachable right now; try again in a moment"
+        message = message or "The model server is unavailable; try again in a moment"
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        log.warning("the model server at %s did not answer in time: %s", target, raw)
+        message = "The model server did not answer in time; try again later"
     elif not message:
-        message = f"The model server failed with {code.name}"
+        log.warning("the model server at %s failed with %s: %s", target, code.name, raw)
+        message = f"The model server failed ({code.name}); try again later"
     return ModelServerError(
         http_status,
         code.name,
         message,
         reason=details.reason,
         violations=details.violations,
-        retry_after_s=details.retry_after_s,
+        retry_after_s=retry_after_s,
     )
 
 
@@ -238,6 +324,9 @@ class ModelClient:
         self._pid: int | None = None
         self._channel: grpc.Channel | None = None
         self._stub: har_pb2_grpc.ActionRecognitionStub | None = None
+        # Whether the server accepted our credentials on the last authenticated call (None:
+        # not known yet). /health checks them (with Classes) while this is not True.
+        self.credentials_ok: bool | None = None
 
     def _get_stub(self) -> har_pb2_grpc.ActionRecognitionStub:
         with self._lock:
@@ -255,6 +344,7 @@ class ModelClient:
             # Detect a dead server behind a load balancer instead of hanging on a half-open TCP.
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 20_000),
+            *((f"grpc.{k}_reconnect_backoff_ms", v) for k, v in _RECONNECT_BACKOFF_MS.items()),
         ]
         if self._server_name:
             options.append(("grpc.ssl_target_name_override", self._server_name))
@@ -274,9 +364,15 @@ class ModelClient:
     def _call(self, method: str, request, timeout: float):
         stub = self._get_stub()
         try:
-            return getattr(stub, method)(request, timeout=timeout, metadata=self._metadata)
+            reply = getattr(stub, method)(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as err:
-            raise translate_error(err, self.target) from None
+            error = translate_error(err, self.target)
+            if error.credentials_rejected:
+                self.credentials_ok = False
+            raise error from None
+        if method != "Health":  # the only call that needs no token
+            self.credentials_ok = True
+        return reply
 
     def health(self) -> dict[str, Any]:
         """The har.v1 Health answer: {"status": "SERVING"|..., "model": {...}}.

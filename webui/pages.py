@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import flask
 
+from webui import settings
+
 bp = flask.Blueprint("pages", __name__)
 
 
@@ -11,9 +13,10 @@ bp = flask.Blueprint("pages", __name__)
 def index():
     """The upload page. Model name and classes are fetched by the script from /classes, so the
     page itself renders even when the model server is down (and says so)."""
-    max_bytes = flask.current_app.config["MAX_CONTENT_LENGTH"]
+    config = flask.current_app.config
     return flask.render_template(
         "index.html",
-        max_upload_bytes=max_bytes,
-        max_upload_mb=flask.current_app.config["HAR_MAX_UPLOAD_MB"],
+        # The files' own limit (the request body may be larger by the form's framing).
+        max_upload_bytes=settings.max_upload_bytes(config),
+        max_upload_mb=config["HAR_MAX_UPLOAD_MB"],
     )

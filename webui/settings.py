@@ -30,9 +30,13 @@ DEFAULTS: dict[str, Any] = {
     "HAR_GRPC_TOKEN_FILE": "",
     # Deadline of one Predict call, seconds. Health and Classes use a shorter one.
     "HAR_GRPC_TIMEOUT_S": 30.0,
-    # Largest request body accepted, MiB (all files of one upload together). Keep nginx's
-    # client_max_body_size a little above it so the app, not nginx, answers most 413s.
+    # Largest upload accepted, MiB (1 MiB = 1,048,576 bytes): the files of one upload together.
+    # The request body may be MULTIPART_MARGIN_BYTES larger (the form's own bytes); set nginx's
+    # client_max_body_size to the sum.
     "HAR_MAX_UPLOAD_MB": 10.0,
+    # Largest request the model server accepts, MiB: har-serve's --max-message-bytes (16 MiB by
+    # default). The web UI refuses to start with an upload limit that would not fit in it.
+    "HAR_GRPC_MAX_MESSAGE_MB": 16.0,
     # Per-client limit on POST /predict, in flask-limiter notation ("N per minute; M per hour").
     "HAR_RATE_LIMIT_PREDICT": "60 per minute",
     # Per-client limit on every other route except /health, /metrics and static files.
@@ -47,6 +51,14 @@ DEFAULTS: dict[str, Any] = {
     # escape the per-client rate limit.
     "HAR_TRUSTED_PROXIES": 0,
 }
+
+_MIB = 1024 * 1024
+#: Room for the multipart/form-data framing around the files (boundaries, part headers, the
+#: top_k field): a request body may exceed the upload limit by this much.
+MULTIPART_MARGIN_BYTES = _MIB
+#: Room for the protobuf framing of a PredictRequest around the image bytes (a few bytes per
+#: image, and top_k).
+_GRPC_FRAMING_BYTES = 64 * 1024
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -91,6 +103,21 @@ def from_environ(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     return settings
 
 
+def max_upload_bytes(config: Mapping[str, Any]) -> int:
+    """The upload limit in bytes: the files of one upload together (HAR_MAX_UPLOAD_MB MiB)."""
+    return int(float(config["HAR_MAX_UPLOAD_MB"]) * _MIB)
+
+
+def max_request_bytes(config: Mapping[str, Any]) -> int:
+    """The largest HTTP request body read (Flask's MAX_CONTENT_LENGTH): uploads plus framing."""
+    return max_upload_bytes(config) + MULTIPART_MARGIN_BYTES
+
+
+def max_message_bytes(config: Mapping[str, Any]) -> int:
+    """The largest gRPC request the model server accepts (HAR_GRPC_MAX_MESSAGE_MB MiB)."""
+    return int(float(config["HAR_GRPC_MAX_MESSAGE_MB"]) * _MIB)
+
+
 def validate(config: Mapping[str, Any]) -> None:
     """Checks values that would otherwise fail late (at the first request) with a vague error.
 
@@ -101,6 +128,21 @@ def validate(config: Mapping[str, Any]) -> None:
         raise ValueError("HAR_GRPC_TARGET is empty; set it to the gRPC server's host:port")
     if not float(config["HAR_MAX_UPLOAD_MB"]) > 0:
         raise ValueError(f"HAR_MAX_UPLOAD_MB must be > 0, got {config['HAR_MAX_UPLOAD_MB']}")
+    if not float(config["HAR_GRPC_MAX_MESSAGE_MB"]) > 0:
+        raise ValueError(
+            f"HAR_GRPC_MAX_MESSAGE_MB must be > 0, got {config['HAR_GRPC_MAX_MESSAGE_MB']}"
+        )
+    if max_upload_bytes(config) + _GRPC_FRAMING_BYTES > max_message_bytes(config):
+        # Every upload near the limit would otherwise pass here and fail at the model server.
+        upload_mb, message_mb = (
+            float(config[k]) for k in ("HAR_MAX_UPLOAD_MB", "HAR_GRPC_MAX_MESSAGE_MB")
+        )
+        raise ValueError(
+            f"HAR_MAX_UPLOAD_MB={upload_mb:g} does not fit in one request to the model server, "
+            f"which accepts at most {message_mb:g} MiB "
+            "(HAR_GRPC_MAX_MESSAGE_MB, har-serve's --max-message-bytes); lower "
+            "HAR_MAX_UPLOAD_MB, or raise both limits"
+        )
     if not float(config["HAR_GRPC_TIMEOUT_S"]) > 0:
         raise ValueError(f"HAR_GRPC_TIMEOUT_S must be > 0, got {config['HAR_GRPC_TIMEOUT_S']}")
     if int(config["HAR_TRUSTED_PROXIES"]) < 0:

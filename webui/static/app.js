@@ -38,12 +38,34 @@
   }
 
   function formatBytes(n) {
-    return n >= 1048576 ? (n / 1048576).toFixed(1) + " MB" : Math.ceil(n / 1024) + " KB";
+    // Binary units, as the server's limit (HAR_MAX_UPLOAD_MB) is counted.
+    return n >= 1048576 ? (n / 1048576).toFixed(1) + " MiB" : Math.ceil(n / 1024) + " KiB";
   }
 
   // ---- model information -------------------------------------------------------------------
 
+  // Which model the header describes ("name version"), null until /classes has answered. The
+  // page may load while the model server is down, and the server may be restarted with another
+  // model: the header is refreshed on retry and whenever a result comes from a different model.
+  let shownModel = null;
+  let infoLoading = false;
+  let infoRetryTimer = null;
+  let infoRetryDelay = 2000;
+  const INFO_RETRY_MAX = 60000;
+
+  function modelKey(model) {
+    return model.name + " " + model.version;
+  }
+
+  function showKind(model) {
+    $("imagenet-notice").hidden = model.kind !== "imagenet";
+  }
+
   async function loadModelInfo() {
+    if (infoLoading) return;
+    infoLoading = true;
+    clearTimeout(infoRetryTimer);
+    infoRetryTimer = null;
     const info = $("model-info");
     try {
       const response = await fetch("classes", { headers: { Accept: "application/json" } });
@@ -55,7 +77,8 @@
         "Model: " + model.name + (model.version ? " (" + model.version + ")" : "") +
         " — " + kind + ", " + body.classes.length + " classes" +
         (model.num_frames > 1 ? ", " + model.num_frames + " frames per sequence" : "") + ".";
-      $("imagenet-notice").hidden = model.kind !== "imagenet";
+      info.classList.remove("warning");
+      showKind(model);
       const list = $("class-list");
       list.replaceChildren();
       for (const name of body.classes) {
@@ -65,11 +88,26 @@
       }
       $("classes-summary").textContent = "All " + body.classes.length + " classes";
       $("classes-details").hidden = false;
+      shownModel = modelKey(model);
+      infoRetryDelay = 2000;
     } catch (err) {
-      info.textContent = "The model server is not reachable right now (" + err.message +
-        "). You can still choose a photo; recognition will work once it is back.";
-      info.classList.add("warning");
+      if (shownModel === null) {
+        info.textContent = "No model information yet: " + err.message.replace(/\.$/, "") +
+          ". You can still choose a photo; recognition will work once the model server answers.";
+        info.classList.add("warning");
+      }
+      // Try again later, less often each time, so the header recovers by itself.
+      infoRetryTimer = setTimeout(loadModelInfo, infoRetryDelay);
+      infoRetryDelay = Math.min(2 * infoRetryDelay, INFO_RETRY_MAX);
+    } finally {
+      infoLoading = false;
     }
+  }
+
+  function modelAnswered(model) {
+    // The notice must match the model that produced the result on screen, at once.
+    showKind(model);
+    if (shownModel !== modelKey(model)) loadModelInfo();
   }
 
   // ---- choosing files ----------------------------------------------------------------------
@@ -89,7 +127,7 @@
     if (total > maxUploadBytes) {
       showError(
         "That is " + formatBytes(total) + "; the limit is " + maxUploadMb +
-        " MB for all files together. Choose a smaller photo or fewer frames."
+        " MiB for all files together. Choose a smaller photo or fewer frames."
       );
       return;
     }
@@ -185,6 +223,7 @@
       }
       if (!response.ok) throw new Error(body.error || "The server answered " + response.status + ".");
       renderResult(body);
+      modelAnswered(body.model);
     } catch (err) {
       showError(err.message);
     } finally {
