@@ -453,10 +453,11 @@ def test_har_train_checks_its_directories_before_anything(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("")
     for argv, message in (
-        (["--workdir", str(afile)], f"--workdir {afile} is a file, not a directory"),
-        (["--workdir", str(afile / "w")], f"--workdir {afile / 'w'} cannot be created: {afile}"),
+        (["--workdir", str(afile)], f"--workdir {afile} exists and is not a directory"),
+        (["--workdir", str(afile / "w")],
+         f"--workdir {afile / 'w'}: {afile} exists and is not a directory, so"),
         (["--workdir", str(tmp_path / "w"), "--download-dir", str(afile)],
-         f"--download-dir {afile} is a file"),
+         f"--download-dir {afile} exists and is not a directory"),
     ):  # fmt: skip
         with pytest.raises(SystemExit) as e:
             main(["--data-dir", str(tmp_path), *argv])

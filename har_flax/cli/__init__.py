@@ -1,1 +1,27 @@
 """Console-script entry points (``har-*``): parse arguments, call the library, report errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def out_dir_problem(flag: str, path: Path) -> str | None:
+    """Why ``path`` cannot be used (or made) as an output directory, for a usage error; else None.
+
+    Checked before any work, so that a long run does not end on ``File exists``.
+    """
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    if existing.is_dir():
+        if os.access(existing, os.W_OK | os.X_OK):
+            return None
+        return f"{flag} {path}: cannot write in {existing}; name a directory you can write to"
+    if existing == path:
+        return (
+            f"{flag} {path} exists and is not a directory: name a directory (it is made if "
+            "missing), or move that file away"
+        )
+    return (
+        f"{flag} {path}: {existing} exists and is not a directory, so {path} cannot be made; "
+        "name another directory"
+    )

@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from har_flax.cli.explore import out_dir_problem
+from har_flax.cli import out_dir_problem
 
 PROBE_NAMES = ("tflite", "none")
 # How har-evaluate skips bad data, in the place of har-train's "set data.skip_bad_images=true".

@@ -8,31 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-
-def out_dir_problem(flag: str, path: Path) -> str | None:
-    """Why ``path`` cannot be used (or made) as an output directory, for a usage error; else None.
-
-    Checked before any work, so that a long run does not end on ``File exists``.
-    """
-    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
-    if existing.is_dir():
-        if os.access(existing, os.W_OK | os.X_OK):
-            return None
-        return f"{flag} {path}: cannot write in {existing}; name a directory you can write to"
-    if existing == path:
-        return (
-            f"{flag} {path} exists and is not a directory: name a directory (it is made if "
-            "missing), or move that file away"
-        )
-    return (
-        f"{flag} {path}: {existing} exists and is not a directory, so {path} cannot be made; "
-        "name another directory"
-    )
+from har_flax.cli import out_dir_problem
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
+
+from har_flax.cli import out_dir_problem
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,22 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _unusable_directory(path: Path) -> str | None:
-    """Why ``path`` cannot be (or become) a writable directory, or None when it can."""
-    if path.exists():
-        if not path.is_dir():
-            return "is a file, not a directory; give a directory (it is created if missing)"
-        if not os.access(path, os.W_OK | os.X_OK):
-            return "is not writable by this user"
-        return None
-    parent = next((p for p in path.absolute().parents if p.exists()), None)
-    if parent is None or not parent.is_dir():
-        return f"cannot be created: {parent} is not a directory"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot be created: {parent} is not writable by this user"
-    return None
-
-
 def parse_overrides(items: list[str]) -> dict[str, str]:
     """``["a.b=1", ...]`` -> ``{"a.b": "1"}``; ValueError naming a malformed item."""
     out = {}
@@ -101,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data_dir.is_dir():
         parser.error(f"--data-dir {args.data_dir} is not a directory")
     for flag, path in (("--workdir", args.workdir), ("--download-dir", args.download_dir)):
-        problem = _unusable_directory(path) if path is not None else None
-        if problem:
-            parser.error(f"{flag} {path} {problem}")
+        if path is not None and (problem := out_dir_problem(flag, path)):
+            parser.error(problem)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
