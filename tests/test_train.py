@@ -474,10 +474,11 @@ def test_har_train_lists_skipped_images_and_stops_cleanly_on_ctrl_c(tmp_path):
     # Ctrl-C while it builds the model (outside the training loop): a message, no traceback.
     # As from a terminal: SIGINT not ignored, whatever this process inherited (a job started
     # in the background by a non-interactive shell ignores it, and so would its children).
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
+    # A small launcher resets it and execs (preexec_fn would fork this multithreaded process).
+    launcher = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                "os.execv(sys.argv[1], sys.argv[1:])")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", launcher, *command], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
     err = []
     for line in proc.stderr:
         err.append(line)
