@@ -1021,24 +1021,26 @@ def _check_resumable_config(workdir: Path, config: Config) -> int | None:
         raise ValueError(
             f"{workdir} holds a run of another model ({diff} as (saved, requested)); {hint}"
         )
-    for k, (a, b) in _differences(old.train, config.train, ignore=()).items():
-        if k in REMEDY_CHANGES:
-            log.warning(
-                "resuming with train.%s=%g (saved: %g): the rest of the run follows the new "
-                "value, so it will not end where an uninterrupted run would",
-                k,
-                b,
-                a,
-            )
-    ignore = RESUMABLE_CHANGES + REMEDY_CHANGES + ("epochs",)
-    diff = _differences(old.train, config.train, ignore=ignore)
-    if diff:
-        listed = ", ".join(f"train.{k}: {a!r} saved, {b!r} requested" for k, (a, b) in diff.items())
+    changed = _differences(old.train, config.train, ignore=RESUMABLE_CHANGES)
+    refused = {k: v for k, v in changed.items() if k not in REMEDY_CHANGES and k != "epochs"}
+    if refused:
+        listed = ", ".join(
+            f"train.{k}: {a!r} saved, {b!r} requested" for k, (a, b) in refused.items()
+        )
         raise ValueError(
             f"{workdir} holds a run with other training settings ({listed}), which a resumed "
             f"run cannot change; {hint}"
         )
-    return old.train.epochs if old.train.epochs != config.train.epochs else None
+    for k in REMEDY_CHANGES:
+        if k in changed:
+            log.warning(
+                "resuming with train.%s=%g (saved: %g): the rest of the run follows the new "
+                "value, so it will not end where an uninterrupted run would",
+                k,
+                changed[k][1],
+                changed[k][0],
+            )
+    return changed["epochs"][0] if "epochs" in changed else None
 
 
 def _differences(old: Any, new: Any, ignore: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -25,3 +27,12 @@ def out_dir_problem(flag: str, path: Path) -> str | None:
         f"{flag} {path}: {existing} exists and is not a directory, so {path} cannot be made; "
         "name another directory"
     )
+
+
+def print_skipped(prog: str, skipped: Sequence[tuple[str, str]], why: str, note: str = "") -> None:
+    """Lists on stderr the rows and images a command left out (``(file, reason)`` pairs)."""
+    if not skipped:
+        return
+    print(f"{prog}: skipped {len(skipped)} bad rows or images ({why}){note}:", file=sys.stderr)
+    for name, reason in skipped:
+        print(f"  {name}: {reason}", file=sys.stderr)

@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from har_flax.cli import out_dir_problem
+from har_flax.cli import out_dir_problem, print_skipped
 
 PROBE_NAMES = ("tflite", "none")
 # How har-evaluate skips bad data, in the place of har-train's "set data.skip_bad_images=true".
@@ -103,15 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             data_config=data_config,
             download_dir=args.download_dir,
         )
-        if splits.skipped:
-            why = SKIP_FLAG if args.skip_bad_images else "the run's data.skip_bad_images"
-            print(
-                f"har-evaluate: skipped {len(splits.skipped)} bad rows or images ({why}); "
-                "they are in no metric and listed in the report:",
-                file=sys.stderr,
-            )
-            for name, reason in splits.skipped:
-                print(f"  {name}: {reason}", file=sys.stderr)
+        why = SKIP_FLAG if args.skip_bad_images else "the run's data.skip_bad_images"
+        print_skipped(
+            "har-evaluate", splits.skipped, why, "; they are in no metric and listed in the report"
+        )
         report = evaluate.evaluate(
             args.workdir,
             args.data_dir,

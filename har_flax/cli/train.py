@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from har_flax.cli import out_dir_problem
+from har_flax.cli import out_dir_problem, print_skipped
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,14 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 "har_flax:load_splits",
             )
-            if splits.skipped:
-                print(
-                    f"har-train: skipped {len(splits.skipped)} bad rows or images "
-                    "(data.skip_bad_images):",
-                    file=sys.stderr,
-                )
-                for name, reason in splits.skipped:
-                    print(f"  {name}: {reason}", file=sys.stderr)
+            print_skipped("har-train", splits.skipped, "data.skip_bad_images")
             result = train.fit(
                 config,
                 args.workdir,
