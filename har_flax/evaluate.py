@@ -274,7 +274,11 @@ def evaluate(
         from har_flax.data import load_splits
 
         splits = load_splits(
-            data_dir, workdir, image_size=config.model.image_size, data_config=config.data
+            data_dir,
+            workdir,
+            image_size=config.model.image_size,
+            data_config=config.data,
+            evaluating=True,
         )
     if tuple(splits.classes) != classes:
         raise ValueError(

@@ -290,3 +290,50 @@ def test_bad_test_images_are_skipped_listed_and_missing_rows_flagged(run, tmp_pa
     assert "## Skipped rows and images (1)" in md and "test/Image_2.jpg is unreadable" in md
     assert "**Warning: 1 of the 5 Testing_set.csv rows have no row in the submission**" in md
     assert "Kaggle expects one row per Testing_set.csv row. Missing: `Image_2.jpg`." in md
+
+
+def test_a_training_image_gone_bad_after_training_is_skipped_not_resplit(run, tmp_path, capsys):
+    """The split is the run's: an image that broke later is left out, never a reason to re-split."""
+    data, work = tmp_path / "data", tmp_path / "work"
+    shutil.copytree(run.data, data)
+    work.mkdir()
+    shutil.copy(run.work / "split.json", work)
+    bad = run.splits.val.filenames[0]
+    (data / "train" / bad).write_bytes(b"truncated")
+    argv = ["--workdir", str(work), "--data-dir", str(data), "--model", str(run.work / "model"),
+            "--probe", "none", "--out", str(tmp_path / "report")]  # fmt: skip
+
+    assert cli_evaluate.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"train/{bad} is unreadable" in err and "rerun with --skip-bad-images" in err
+
+    assert cli_evaluate.main([*argv, "--skip-bad-images"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 bad rows or images (--skip-bad-images)" in err and bad in err
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["model"]["num_examples"] == len(run.splits.val) - 1
+    assert [s["file"] for s in report["skipped"]] == [bad]
+    # The run's split is unchanged on disk: nothing was re-split.
+    assert (work / "split.json").read_bytes() == (run.work / "split.json").read_bytes()
+
+
+def test_split_mismatch_in_evaluation_points_to_the_models_data(run, tmp_path, capsys):
+    data, work = tmp_path / "data", tmp_path / "work"
+    shutil.copytree(run.data, data)
+    work.mkdir()
+    shutil.copy(run.work / "split.json", work)
+    gone = run.splits.train.filenames[0]
+    lines = (data / "Training_set.csv").read_text().splitlines(keepends=True)
+    kept = [x for x in lines if not x.startswith(gone + ",")]
+    (data / "Training_set.csv").write_text("".join(kept))
+    argv = ["--workdir", str(work), "--data-dir", str(data), "--model", str(run.work / "model"),
+            "--probe", "none", "--out", str(tmp_path / "report")]  # fmt: skip
+
+    assert cli_evaluate.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "1 split images are not in the data" in err and gone in err
+    assert "evaluation must use the split the model was trained with" in err
+    assert "delete" not in err  # a new split would put training images in validation
+    # Training on the same data is told how to start over.
+    with pytest.raises(DataError, match="delete .*split.json to split again"):
+        load_splits(data, work, image_size=32, data_config=run.config.data, progress=False)

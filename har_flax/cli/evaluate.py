@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             image_size=config.model.image_size,
             data_config=data_config,
             download_dir=args.download_dir,
+            evaluating=True,
         )
         why = SKIP_FLAG if args.skip_bad_images else "the run's data.skip_bad_images"
         print_skipped(

@@ -119,6 +119,7 @@ def load_splits(
     data_config: DataConfig,
     download_dir: str | Path | None = None,
     progress: bool = True,
+    evaluating: bool = False,
 ) -> Splits:
     """Prepares (once) and opens the data of a run.
 
@@ -130,6 +131,9 @@ def load_splits(
       download_dir: the tfds data directory holding prepared copies (default
         ``workdir/tfds``); share one between runs to prepare each data set and size once.
       progress: show progress bars while preparing the data.
+      evaluating: the splits are for evaluating a trained model: images of ``split.json``
+        skipped as bad now are left out of it rather than refused, and a mismatch advises
+        evaluating on the model's own data, not splitting again (``split.load_or_create_split``).
 
     Returns:
       The splits.
@@ -180,6 +184,8 @@ def load_splits(
         [label_of[f] for f in names],
         fraction=data_config.val_fraction,
         seed=data_config.split_seed,
+        evaluating=evaluating,
+        skipped={i.filename for i in skipped if i.split == "train" and i.filename},
     )
     index = {c: i for i, c in enumerate(classes)}
     train_images = har_builder.images_array(builder, "train", progress=progress)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,8 @@ def load_or_create_split(
     *,
     fraction: float,
     seed: int,
+    evaluating: bool = False,
+    skipped: Collection[str] = (),
 ) -> tuple[list[str], list[str]]:
     """Reads ``workdir/split.json``, checking it against the data, or makes and writes it.
 
@@ -88,6 +90,11 @@ def load_or_create_split(
       labels: [N] their class names.
       fraction: validation fraction from ``DataConfig``.
       seed: split seed from ``DataConfig``.
+      evaluating: the split is read to evaluate a trained model, not to train. Images of the
+        split in ``skipped`` are then left out of it (they are reported as skipped), and the
+        advice on a mismatch is to evaluate on the data the model was trained with: a new split
+        would put training images in validation.
+      skipped: labelled images skipped as bad this time (only used when ``evaluating``).
 
     Returns:
       (train, val) filename lists.
@@ -116,16 +123,33 @@ def load_or_create_split(
         train, val = list(record["train"]), list(record["val"])
         saved_seed, saved_fraction = record["seed"], record["val_fraction"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path} is unreadable ({e}); delete it to make a new split") from e
-    hint = f"use a new work directory, or delete {path} to split again (validation changes)"
+        fix = (
+            "restore it from a copy (evaluation must use the run's split)"
+            if evaluating
+            else "delete it to make a new split"
+        )
+        raise DataError(f"{path} is unreadable ({e}); {fix}") from e
+    if evaluating:
+        # A new split would put images the model was trained on into validation.
+        hint = (
+            "evaluation must use the split the model was trained with: run it on the data the "
+            "model was trained on"
+        )
+    else:
+        hint = f"use a new work directory, or delete {path} to split again (validation changes)"
     if saved_seed != seed or saved_fraction != fraction:
         raise DataError(
             f"{path} was made with split_seed={saved_seed}, val_fraction={saved_fraction} but "
             f"the config says split_seed={seed}, val_fraction={fraction}; {hint}"
         )
-    saved = set(train) | set(val)
     if set(train) & set(val):
         raise DataError(f"{path} puts some images in both train and val; {hint}")
+    if evaluating and skipped:
+        # Bad now (and listed as skipped), usable when the model was trained: not in any metric.
+        gone_bad = set(skipped)
+        train = [f for f in train if f not in gone_bad]
+        val = [f for f in val if f not in gone_bad]
+    saved = set(train) | set(val)
     now = set(filenames)
     if saved != now:
         gone = sorted(saved - now)
