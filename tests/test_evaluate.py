@@ -107,6 +107,17 @@ def run(tmp_path_factory):
     return types.SimpleNamespace(data=data, work=work, config=config, splits=splits)
 
 
+def copy_of_run(run, tmp_path):
+    """A copy of the run's data and split to break, and har-evaluate's flags for it."""
+    data, work = tmp_path / "data", tmp_path / "work"
+    shutil.copytree(run.data, data)
+    work.mkdir()
+    shutil.copy(run.work / "split.json", work)
+    argv = ["--workdir", str(work), "--data-dir", str(data), "--model", str(run.work / "model"),
+            "--probe", "none", "--out", str(tmp_path / "report")]  # fmt: skip
+    return data, work, argv
+
+
 def test_evaluate_writes_report_and_submission(run, tmp_path):
     data, work, splits = run.data, run.work, run.splits
     out = tmp_path / "report"
@@ -249,13 +260,8 @@ def test_cli_checks_flags_before_any_work(tmp_path, capsys, flags, flag, message
 
 
 def test_bad_test_images_are_skipped_listed_and_missing_rows_flagged(run, tmp_path, capsys):
-    data, work = tmp_path / "data", tmp_path / "work"
-    shutil.copytree(run.data, data)
+    data, work, argv = copy_of_run(run, tmp_path)
     (data / "test" / "Image_2.jpg").write_bytes(b"not an image")
-    work.mkdir()
-    shutil.copy(run.work / "split.json", work)
-    argv = ["--workdir", str(work), "--data-dir", str(data), "--model", str(run.work / "model"),
-            "--probe", "none", "--out", str(tmp_path / "report")]  # fmt: skip
 
     # har-train's hint (the library's) names its setting ...
     with pytest.raises(DataError, match="set data.skip_bad_images=true"):
@@ -294,14 +300,9 @@ def test_bad_test_images_are_skipped_listed_and_missing_rows_flagged(run, tmp_pa
 
 def test_a_training_image_gone_bad_after_training_is_skipped_not_resplit(run, tmp_path, capsys):
     """The split is the run's: an image that broke later is left out, never a reason to re-split."""
-    data, work = tmp_path / "data", tmp_path / "work"
-    shutil.copytree(run.data, data)
-    work.mkdir()
-    shutil.copy(run.work / "split.json", work)
+    data, work, argv = copy_of_run(run, tmp_path)
     bad = run.splits.val.filenames[0]
     (data / "train" / bad).write_bytes(b"truncated")
-    argv = ["--workdir", str(work), "--data-dir", str(data), "--model", str(run.work / "model"),
-            "--probe", "none", "--out", str(tmp_path / "report")]  # fmt: skip
 
     assert cli_evaluate.main(argv) == 1
     err = capsys.readouterr().err
@@ -318,16 +319,11 @@ def test_a_training_image_gone_bad_after_training_is_skipped_not_resplit(run, tm
 
 
 def test_split_mismatch_in_evaluation_points_to_the_models_data(run, tmp_path, capsys):
-    data, work = tmp_path / "data", tmp_path / "work"
-    shutil.copytree(run.data, data)
-    work.mkdir()
-    shutil.copy(run.work / "split.json", work)
+    data, work, argv = copy_of_run(run, tmp_path)
     gone = run.splits.train.filenames[0]
     lines = (data / "Training_set.csv").read_text().splitlines(keepends=True)
     kept = [x for x in lines if not x.startswith(gone + ",")]
     (data / "Training_set.csv").write_text("".join(kept))
-    argv = ["--workdir", str(work), "--data-dir", str(data), "--model", str(run.work / "model"),
-            "--probe", "none", "--out", str(tmp_path / "report")]  # fmt: skip
 
     assert cli_evaluate.main(argv) == 1
     err = capsys.readouterr().err
