@@ -107,7 +107,7 @@ def _describe_non_image(data: bytes) -> str:
         head.decode("utf-8")
         return "text"
     except UnicodeDecodeError:
-        return "not an image"
+        return "binary data in no known image format"
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:

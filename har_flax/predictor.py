@@ -4,15 +4,17 @@ Loads a model directory (a trained CNN-LSTM or a ported ImageNet classifier) or 
 ImageNet default, compiles one XLA executable per batch bucket at start (warm-up) and never
 compiles again: a batch is padded to the smallest bucket that holds it, a larger one is split.
 
-Two model kinds, one scheme:
+Two schemes:
 
-* ``action`` (CNN-LSTM): a sample is ``(T, S, S, 3)`` with T fixed by the model; a batch row is a
-  sample, so the executables take ``(bucket, T, S, S, 3)``.
-* ``imagenet`` (the per-frame ``FrameClassifier``): a sample may have any number of frames. The
-  frames of all samples are flattened into the batch dimension (executables take
-  ``(bucket, 1, S, S, 3)``), and each sample's per-frame logits are averaged on the host before
-  the softmax, which is exactly ``FrameClassifier``'s mean over T. So a variable T never changes
-  a compiled shape.
+* sequence models (a CNN-LSTM with ``num_frames`` T > 1): a sample is ``(T, S, S, 3)``, the
+  request's frames resampled to T; a batch row is a sample, so the executables take
+  ``(bucket, T, S, S, 3)``.
+* one-frame models (the ImageNet ``FrameClassifier``, and a CNN-LSTM trained on stills, T = 1):
+  a sample keeps all its frames. The frames of all samples are flattened into the batch
+  dimension (executables take ``(bucket, 1, S, S, 3)``), and each sample's per-frame logits are
+  averaged on the host before the softmax, which is exactly ``FrameClassifier``'s mean over
+  frames. So every photo of a request counts (resampling several to one would keep only the
+  middle one), and a variable frame count never changes a compiled shape.
 
 Thread safety: after :meth:`Predictor.load` the object holds no mutable state except the
 executable cache, guarded by a lock; :meth:`prepare` (decode + resize, pure NumPy/Pillow) may run
@@ -271,7 +273,8 @@ class Predictor:
         self.batch_sizes = tuple(sizes)
         self.max_batch_size = sizes[-1]
         self._model = model
-        self._per_frame = info.kind == "imagenet"
+        # One-frame models classify every frame and average (see the module docstring).
+        self._per_frame = info.kind == "imagenet" or info.num_frames == 1
         # Rows of one executable call: (T, S, S, 3) samples, or (1, S, S, 3) single frames.
         t = 1 if self._per_frame else info.num_frames
         self._row_shape = (t, info.image_size, info.image_size, 3)
@@ -385,15 +388,16 @@ class Predictor:
         """Decodes and resizes one request into the sample the model takes.
 
         One image is a still, several are the frames of one sequence in order, and an animated
-        image counts as its frames. For an action model the frames are resampled uniformly to
-        ``info.num_frames`` (:func:`frame_indices`); the per-frame ImageNet model keeps them all.
+        image counts as its frames. For a sequence model (``info.num_frames`` > 1) the frames
+        are resampled uniformly to ``info.num_frames`` (:func:`frame_indices`); a one-frame model
+        keeps them all, to classify each and average.
 
         Args:
           images: the encoded images of one request (a lone ``bytes`` counts as one image).
 
         Returns:
-          uint8 (T, S, S, 3): T = ``info.num_frames`` for an action model, the number of frames
-          for the ImageNet model; S = ``info.image_size``.
+          uint8 (T, S, S, 3): T = ``info.num_frames`` for a sequence model, the number of frames
+          for a one-frame model; S = ``info.image_size``.
 
         Raises:
           InvalidImageError, ImageTooLargeError: with ``.field`` = ``"images[i]"`` (or

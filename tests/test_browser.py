@@ -384,3 +384,169 @@ def test_results_survive_a_round_trip_through_json(site, cat_jpeg):
     assert body["model"]["kind"] == "imagenet"
     assert any(name in body["action"] for name in CAT_CLASSES)
     assert abs(sum(p["confidence"] for p in body["all_predictions"]) - 1) < 1e-3
+
+
+# --- Several photos, waiting, cancelling, retrying, small screens -------------------------------
+
+
+def jpeg_files(photos, names, *, prefix: str = "") -> list[dict]:
+    return [{"name": f"{prefix}{n}.jpg", "mimeType": "image/jpeg", "buffer": photos[n]}
+            for n in names]  # fmt: skip
+
+
+def test_several_photos_for_a_still_image_model_are_each_classified_and_averaged(
+    browser, tiny_site, photos
+):
+    w = Watched(browser, tiny_site)
+    try:
+        page = w.page
+        page.wait_for_selector("#classes-details:not([hidden])")  # the tiny model: T = 1
+        assert "each classified and the answers averaged" in page.text_content("#frames-hint")
+        page.set_input_files(
+            "#file-input", files=jpeg_files(photos, ["rocket", "chelsea", "coffee"])
+        )
+        page.wait_for_selector("#preview-view:not([hidden])")
+        assert page.text_content("#preview-caption") == (
+            "3 photos, each classified and the answers averaged."
+        )
+        page.get_by_role("button", name="Recognize action").click()
+        page.wait_for_selector("#result-view:not([hidden])")
+        meta = page.text_content("#result-meta")
+        assert meta.startswith("3 frames, each classified and the answers averaged, "), meta
+        w.assert_offline_and_clean()
+    finally:
+        w.close()
+
+
+def test_a_slow_answer_can_be_cancelled_or_replaced_by_new_photos(watched, photos):
+    page = watched.page
+    held = []  # /predict requests held back, as if the model server were slow
+    page.route("**/predict", lambda route: held.append(route))
+    page.set_input_files("#file-input", files=jpeg_files(photos, ["chelsea"]))
+    page.get_by_role("button", name="Recognize action").click()
+    page.wait_for_selector("#spinner:not([hidden])")
+    deadline = time.monotonic() + 30
+    while not held:
+        assert time.monotonic() < deadline, "the page sent no /predict request"
+        page.wait_for_timeout(50)
+    # Focus is on Cancel while waiting (not lost when Recognize is disabled) ...
+    assert page.evaluate("document.activeElement.id") == "cancel-button"
+    # ... and Escape cancels: back to the photo, ready to try again, no error.
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#spinner", state="hidden")
+    assert page.is_visible("#preview-view") and page.is_hidden("#error-view")
+    assert page.evaluate("document.activeElement.id") == "recognize-button"
+
+    # Recognising again, then dropping other photos while waiting: the new photos replace the
+    # old ones, and the old answer, when it comes, is not shown for them.
+    page.get_by_role("button", name="Recognize action").click()
+    page.wait_for_selector("#spinner:not([hidden])")
+    page.set_input_files("#file-input", files=jpeg_files(photos, ["coffee"]))
+    page.wait_for_selector("#spinner", state="hidden")
+    assert page.text_content("#preview-caption").startswith("coffee.jpg")
+    for route in held:
+        route.continue_()  # the server answers the abandoned requests; nobody listens
+    page.unroute("**/predict")
+    page.get_by_role("button", name="Recognize action").click()
+    page.wait_for_selector("#result-view:not([hidden])")
+    assert page.text_content("#top-action") == api_predict(watched.url, photos["coffee"])["action"]
+    assert page.get_attribute("#result-photos img", "alt") == "coffee.jpg"
+    # Cancelled fetches are logged by Chromium as failed resources; nothing else may be.
+    watched.errors[:] = [e for e in watched.errors if "net::ERR_ABORTED" not in e]
+    watched.assert_offline_and_clean()
+
+
+def test_try_again_resends_the_same_photo_once_the_model_server_is_back(
+    browser, default_grpc, cat_jpeg
+):
+    front = support.TcpForwarder()  # nothing listens there yet
+    app = create_app({"HAR_GRPC_TARGET": front.target, "HAR_RATE_LIMIT_ENABLED": False})
+    server = support.WsgiServer(app)
+    w = Watched(browser, server.url)
+    try:
+        page = w.page
+        page.set_input_files(
+            "#file-input", files=[{"name": "cat.jpg", "mimeType": "image/jpeg", "buffer": cat_jpeg}]
+        )
+        page.get_by_role("button", name="Recognize action").click()
+        page.wait_for_selector("#error-view:not([hidden])")
+        assert "not reachable" in page.text_content("#error-message")
+        # The upload was fine: the photo is kept, and Try again has the focus.
+        assert page.evaluate("document.activeElement.id") == "error-retry"
+        assert page.is_visible("#error-try-another")
+
+        front.forward(default_grpc.target)
+        support.wait_http(server.url + "health", timeout_s=15)
+        page.get_by_role("button", name="Try again").click()
+        page.wait_for_selector("#result-view:not([hidden])")
+        assert any(name in page.text_content("#top-action") for name in CAT_CLASSES)
+        assert page.get_attribute("#result-photos img", "alt") == "cat.jpg"
+
+        # A refused upload (not a photo at all) offers no Try again: the same bytes would fail.
+        page.get_by_role("button", name="Try another").click()
+        page.set_input_files(
+            "#file-input", files=[{"name": "x.jpg", "mimeType": "image/jpeg", "buffer": b"x" * 99}]
+        )
+        page.get_by_role("button", name="Recognize action").click()
+        page.wait_for_selector("#error-view:not([hidden])")
+        assert page.is_hidden("#error-retry")
+        assert page.evaluate("document.activeElement.id") == "error-try-another"
+        w.errors[:] = [e for e in w.errors if "503" not in e and "400" not in e]
+        w.assert_offline_and_clean()
+    finally:
+        w.close()
+        server.stop()
+        front.close()
+        app.extensions["har_client"].close()
+
+
+def test_long_names_and_many_photos_fit_a_small_screen(browser, site, photos, output_dir):
+    w = Watched(browser, site, viewport={"width": 375, "height": 667}, is_mobile=True)
+    overflow = "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    long = "a_really_long_file_name_without_any_spaces_that_goes_on_and_on_and_on_forever_"
+    try:
+        page = w.page
+        page.wait_for_selector("#classes-details:not([hidden])")
+        page.set_input_files("#file-input", files=jpeg_files(photos, ["chelsea"], prefix=long))
+        page.wait_for_selector("#preview-view:not([hidden])")
+        assert page.evaluate(overflow) <= 0, "a long file name widens the page"
+        page.get_by_role("button", name="Choose a different photo").click()  # no-op dialog
+        names = ["chelsea", "coffee", "rocket", "astronaut"] * 2
+        page.set_input_files(
+            "#file-input",
+            files=[
+                {**f, "name": f"{i}-{f['name']}"}
+                for i, f in enumerate(jpeg_files(photos, names, prefix=long))
+            ],  # fmt: skip
+        )
+        page.wait_for_selector("#preview-caption:has-text('8 photos')")
+        page.get_by_role("button", name="Recognize action").click()
+        page.wait_for_selector("#result-view:not([hidden])")
+        assert page.evaluate(overflow) <= 0, "8 result thumbnails widen the page"
+        page.screenshot(path=str(output_dir / "eight-photos-phone.png"), full_page=True)
+        page.get_by_role("button", name="Try another").click()
+        page.set_input_files(
+            "#file-input",
+            files=[{"name": long + ".txt", "mimeType": "text/plain", "buffer": b"notes\n"}],
+        )
+        page.wait_for_selector("#error-view:not([hidden])")
+        assert page.evaluate(overflow) <= 0, "a long file name in an error widens the page"
+        w.assert_offline_and_clean()
+    finally:
+        w.close()
+
+
+def test_a_photo_without_a_file_type_is_left_to_the_server(watched, cat_jpeg, tmp_path):
+    page = watched.page
+    # One control to choose a photo for screen readers too (the file input is hidden).
+    assert page.get_by_role("button", name="Photo file").count() == 0
+    assert page.get_by_role("button", name="Choose a photo…").count() == 1
+    photo = tmp_path / "catnoext"  # a real file: the browser guesses no type from its name
+    photo.write_bytes(cat_jpeg)
+    page.set_input_files("#file-input", files=[str(photo)])
+    assert page.evaluate("document.getElementById('file-input').files[0].type") == ""
+    page.wait_for_selector("#preview-view:not([hidden])")
+    page.get_by_role("button", name="Recognize action").click()
+    page.wait_for_selector("#result-view:not([hidden])")
+    assert any(name in page.text_content("#top-action") for name in CAT_CLASSES)
+    watched.assert_offline_and_clean()

@@ -356,13 +356,14 @@ def test_truncated_jpeg(cat_jpeg):
         (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n", "PDF"),
         (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), "HEIC"),
         (b"<svg xmlns='http://www.w3.org/2000/svg'></svg>", "SVG"),
-        (bytes(range(256)) * 4, "not an image"),
+        (bytes(range(256)) * 4, "binary data in no known image format"),
     ],
 )
 def test_not_an_image(data, words):
     with pytest.raises(InvalidImageError) as e:
         decode_frames(data, field="images[2]")
     assert words in str(e.value) and "JPEG, PNG" in str(e.value)
+    assert str(e.value).count("not an image") == 1, str(e.value)  # said once, not twice
     assert e.value.field == "images[2]" and e.value.frame is None
 
 

@@ -329,6 +329,30 @@ def test_per_frame_model_averages_logits_over_frames(frame_predictor, frame_mode
     assert np.abs(ref[0] - ref[1]).max() > 1e-2
 
 
+def test_still_image_action_model_classifies_every_photo_and_averages(
+    tmp_path, calibration_frames, photos
+):
+    """T = 1 (the default for the Kaggle stills): several photos all count, none is dropped."""
+    config = cfg_lib.tiny()
+    assert config.model.num_frames == 1
+    calibrating = create_model(cfg_lib.override(config, {"model.bn_momentum": 0.0}).model)
+    variables = init_calibrated(calibrating, 3, calibration_frames[:, None])  # (12, 1, S, S, 3)
+    path = save_model(tmp_path / "still", config=config, classes=ACTION_CLASSES,
+                      variables=variables)  # fmt: skip
+    predictor = Predictor.load(path, batch_sizes=(4,))
+    sample = predictor.prepare([photos["rocket"], photos["chelsea"], photos["coffee"]])
+    assert sample.shape == (3, 32, 32, 3)  # all three kept, not resampled to the middle one
+    [ranked] = predictor.predict_samples([sample])
+    # The model itself on each photo as a one-frame sample; logits averaged, then softmax.
+    model = create_model(config.model)
+    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, sample[:, None])
+    want = np.asarray(jax.nn.softmax(jnp.mean(logits.astype(jnp.float32), axis=0)))
+    got = as_vector(ranked, ACTION_CLASSES)
+    np.testing.assert_allclose(got, want, atol=TOL)
+    middle = as_vector(predictor.predict([photos["chelsea"]]), ACTION_CLASSES)
+    assert np.abs(got - middle).max() > 1e-2
+
+
 def test_request_errors_name_the_field(action_predictor, photos, cat_jpeg):
     with pytest.raises(InvalidImageError) as e:
         action_predictor.prepare([])

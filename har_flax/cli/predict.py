@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         type=Path,
         metavar="IMAGE",
-        help="JPEG/PNG/WebP/GIF/BMP files; several = the frames of one sequence "
+        help="JPEG/PNG/WebP/GIF/BMP files; several = the frames of one sequence (a one-frame "
+        "model classifies each and averages) "
         f"(default: the bundled sample {SAMPLE_IMAGE.name})",
     )
     parser.add_argument(

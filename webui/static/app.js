@@ -22,12 +22,15 @@
   const recognizeButton = $("recognize-button");
   const changeButton = $("change-button");
   const spinner = $("spinner");
+  const cancelButton = $("cancel-button");
+  const retryButton = $("error-retry");
   const bars = $("bars");
   const showAll = $("show-all");
 
   let chosen = []; // File objects, in frame order
   let previewUrls = [];
   let busy = false;
+  let inFlight = null; // the AbortController of the request being answered
 
   function show(name) {
     for (const [key, el] of Object.entries(views)) el.hidden = key !== name;
@@ -53,8 +56,28 @@
   let infoRetryDelay = 2000;
   const INFO_RETRY_MAX = 60000;
 
+  // The model last described by /classes or a result (null before either): it decides what
+  // several photos mean. A sequence model (num_frames > 1) takes them as the frames of one
+  // sequence; a one-frame model (the ImageNet classifier, an action model trained on stills)
+  // classifies each and averages the answers.
+  let currentModel = null;
+
   function modelKey(model) {
     return model.name + " " + model.version;
+  }
+
+  function isSequenceModel() {
+    return currentModel !== null && currentModel.num_frames > 1;
+  }
+
+  function describeFrames() {
+    $("frames-hint").textContent = isSequenceModel()
+      ? "Several photos are the frames of one sequence, in the order chosen (this model takes " +
+        currentModel.num_frames + " frames: more or fewer are sampled evenly); an animated GIF " +
+        "counts as its frames."
+      : "Several photos are each classified and the answers averaged; an animated GIF counts " +
+        "as its frames.";
+    if (chosen.length > 1) $("preview-caption").textContent = previewCaption();
   }
 
   function showKind(model) {
@@ -79,6 +102,8 @@
         (model.num_frames > 1 ? ", " + model.num_frames + " frames per sequence" : "") + ".";
       info.classList.remove("warning");
       showKind(model);
+      currentModel = model;
+      describeFrames();
       const list = $("class-list");
       list.replaceChildren();
       for (const name of body.classes) {
@@ -107,6 +132,8 @@
   function modelAnswered(model) {
     // The notice must match the model that produced the result on screen, at once.
     showKind(model);
+    currentModel = model;
+    describeFrames();
     if (shownModel !== modelKey(model)) loadModelInfo();
   }
 
@@ -114,12 +141,19 @@
 
   function selectFiles(fileList) {
     const files = Array.from(fileList || []);
-    if (files.length === 0 || busy) return;
-    const notImage = files.find((f) => !ACCEPTED.includes(f.type));
+    if (files.length === 0) return;
+    // New photos replace the ones being recognised: that answer would be for the old ones.
+    if (inFlight) inFlight.abort();
+    // The browser guesses the type from the name; with no guess the server decides.
+    const unknown = ["", "application/octet-stream"];
+    const notImage = files.find((f) => !unknown.includes(f.type) && !ACCEPTED.includes(f.type));
     if (notImage) {
       showError(
-        "“" + notImage.name + "” is not a photo (" + (notImage.type || "unknown type") +
-        "). Choose a JPEG, PNG, WebP, GIF or BMP image."
+        "“" + notImage.name + "” " +
+        (notImage.type.startsWith("image/")
+          ? "is a " + notImage.type + " image, which this service cannot read."
+          : "is not a photo (" + notImage.type + ").") +
+        " Choose a JPEG, PNG, WebP, GIF or BMP image."
       );
       return;
     }
@@ -141,6 +175,14 @@
     $("preview-list").replaceChildren();
   }
 
+  function previewCaption() {
+    if (chosen.length === 1) return chosen[0].name + " (" + formatBytes(chosen[0].size) + ")";
+    if (currentModel === null) return chosen.length + " photos, sent together in this order.";
+    return chosen.length + " photos, " + (isSequenceModel()
+      ? "sent as the frames of one sequence in this order."
+      : "each classified and the answers averaged.");
+  }
+
   function renderPreview() {
     clearPreview();
     const list = $("preview-list");
@@ -153,10 +195,7 @@
       img.className = "preview";
       list.append(img);
     });
-    $("preview-caption").textContent =
-      chosen.length > 1
-        ? chosen.length + " photos, sent as the frames of one sequence in this order."
-        : chosen[0].name + " (" + formatBytes(chosen[0].size) + ")";
+    $("preview-caption").textContent = previewCaption();
     show("preview");
     recognizeButton.focus();
   }
@@ -194,14 +233,28 @@
     busy = on;
     spinner.hidden = !on;
     views.preview.setAttribute("aria-busy", on ? "true" : "false");
+    // Focus moves before the focused button is disabled, so keyboard users keep their place.
+    if (on) cancelButton.focus();
     recognizeButton.disabled = on;
     changeButton.disabled = on;
+  }
+
+  // Statuses worth sending the same photos again for: rate limited, model server unreachable,
+  // busy or slow (the upload itself was fine).
+  const RETRYABLE = [429, 502, 503, 504];
+
+  function failure(message, retryable) {
+    const err = new Error(message);
+    err.retryable = retryable;
+    return err;
   }
 
   async function recognize() {
     if (busy || chosen.length === 0) return;
     const form = new FormData();
     for (const file of chosen) form.append("file", file, file.name);
+    const controller = new AbortController();
+    inFlight = controller;
     setBusy(true);
     try {
       let response;
@@ -210,33 +263,58 @@
           method: "POST",
           body: form,
           headers: { Accept: "application/json" },
+          signal: controller.signal,
         });
       } catch (err) {
-        throw new Error("Could not reach the web server (" + err.message + "). Check the connection and try again.");
+        if (controller.signal.aborted) throw err;
+        throw failure("Could not reach the web server (" + err.message + "). Check the connection and try again.", true);
       }
       let body;
       try {
         body = await response.json();
       } catch (err) {
+        if (controller.signal.aborted) throw err;
         // A proxy in front of the app may answer with HTML (e.g. a gateway error page).
-        throw new Error("The server answered " + response.status + " " + response.statusText + " without details.");
+        throw failure("The server answered " + response.status + " " + response.statusText + " without details.",
+          RETRYABLE.includes(response.status) || response.status >= 500);
       }
-      if (!response.ok) throw new Error(body.error || "The server answered " + response.status + ".");
+      if (!response.ok) {
+        throw failure(body.error || "The server answered " + response.status + ".",
+          RETRYABLE.includes(response.status));
+      }
       renderResult(body);
       modelAnswered(body.model);
     } catch (err) {
-      showError(err.message);
+      // Cancelled, or replaced by newly chosen photos: whatever is on screen now stays.
+      if (!controller.signal.aborted) showError(err.message, err.retryable === true);
     } finally {
+      if (inFlight === controller) inFlight = null;
       setBusy(false);
+      // After a cancel (or new photos while busy) the preview is back: focus its main button.
+      if (controller.signal.aborted && !views.preview.hidden) recognizeButton.focus();
     }
   }
 
   recognizeButton.addEventListener("click", recognize);
+  cancelButton.addEventListener("click", () => {
+    if (inFlight) inFlight.abort();
+  });
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && inFlight) inFlight.abort();
+  });
 
   function renderResult(body) {
     $("top-action").textContent = body.action;
     $("top-confidence").textContent = percent(body.confidence);
-    const frames = chosen.length > 1 ? chosen.length + " photos as one sequence, " : "";
+    // What the model saw: body.num_frames is the decoded frame count for a one-frame model.
+    let frames = "";
+    if (body.model.num_frames > 1) {
+      if (chosen.length > 1) {
+        frames = chosen.length + " photos as one sequence of " + body.num_frames + " frames, ";
+      }
+    } else if (body.num_frames > 1) {
+      frames = body.num_frames + " frames, each classified and the answers averaged, ";
+    }
     $("result-meta").textContent =
       frames + "answered by " + body.model.name + " in " + Math.round(body.latency_ms) + " ms.";
     // Thumbnails of what was classified (the preview images, reused).
@@ -290,10 +368,15 @@
 
   // ---- errors and starting over ------------------------------------------------------------
 
-  function showError(message) {
+  function showError(message, retryable = false) {
     $("error-message").textContent = message;
+    // "Try again" sends the same photos once more; "Try another" starts over.
+    const retry = retryable && chosen.length > 0;
+    retryButton.hidden = !retry;
+    retryButton.classList.toggle("primary", retry);
+    $("error-try-another").classList.toggle("primary", !retry);
     show("error");
-    $("error-try-another").focus();
+    (retry ? retryButton : $("error-try-another")).focus();
   }
 
   function reset() {
@@ -308,6 +391,10 @@
 
   $("try-another").addEventListener("click", reset);
   $("error-try-another").addEventListener("click", reset);
+  retryButton.addEventListener("click", () => {
+    show("preview");
+    recognize();
+  });
 
   loadModelInfo();
 })();
