@@ -12,10 +12,12 @@ half-written model directory where a complete one is expected.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -116,6 +118,10 @@ def save_model(
 ) -> Path:
     """Writes a complete model directory atomically, replacing any previous one at ``path``.
 
+    Only a model directory (or an empty one) is replaced: anything else at ``path`` is refused,
+    so a mistyped path (``--out ~``) cannot delete a user's files. Leftovers of saves that were
+    killed (``.NAME.tmp-*``, ``.NAME.old-*`` beside ``path``) are removed first.
+
     Args:
       path: the model directory to create or replace.
       config: the resolved config; ``config.model.num_classes`` must equal ``len(classes)``.
@@ -126,13 +132,21 @@ def save_model(
 
     Returns:
       The final path.
+
+    Raises:
+      CheckpointError: ``path`` is a file, or a directory holding something else than a model.
+      ValueError: ``classes`` does not match ``config``.
     """
     path = Path(path)
     if len(classes) != config.model.num_classes:
         raise ValueError(
             f"{len(classes)} class names for a model with {config.model.num_classes} outputs"
         )
+    # The real name: "." or "runs/.." cannot be renamed, and the siblings go beside the target.
+    path = path.resolve()
+    check_model_destination(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
@@ -153,6 +167,51 @@ def save_model(
     return path
 
 
+MODEL_FILES = (CONFIG_FILE, LABELS_FILE, VARIABLES_DIR)
+# A save in flight leaves its temporary directory younger than this; older ones were killed.
+_STALE_TMP_SECONDS = 3600
+
+
+def check_model_destination(path: str | os.PathLike) -> None:
+    """Refuses a ``save_model`` target that holds anything but a model (or nothing).
+
+    Raises:
+      CheckpointError: naming what is there and what to do.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a model directory; choose another path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"{parent} is a file, so {path} cannot be created")
+            break
+    if not path.is_dir():
+        return
+    names = sorted(p.name for p in path.iterdir())
+    if names and not all((path / n).exists() for n in MODEL_FILES):
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise CheckpointError(
+            f"{path} exists and is not a model directory (it holds {shown}); a model replaces "
+            "its whole directory, so choose a new or empty directory"
+        )
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Removes what killed saves left beside ``path`` (a live save's fresh tmp dir stays)."""
+    now = time.time()
+    for sibling in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
+        kind = sibling.name[len(path.name) + 2 :].split("-", 1)[0]
+        try:
+            stale = kind == "old" or (
+                kind == "tmp" and now - sibling.stat().st_mtime > _STALE_TMP_SECONDS
+            )
+        except OSError:
+            continue
+        if stale and sibling.is_dir():
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
 def load_model(path: str | os.PathLike) -> tuple[Config, dict[str, Any], dict]:
     """Reads a model directory.
 
@@ -163,23 +222,40 @@ def load_model(path: str | os.PathLike) -> tuple[Config, dict[str, Any], dict]:
       CheckpointError: naming the missing or inconsistent file.
     """
     path = Path(path)
-    if not path.is_dir():
+    if not path.exists():
         raise CheckpointError(f"model directory {path} does not exist")
-    for name in (CONFIG_FILE, LABELS_FILE, VARIABLES_DIR):
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; a model is a directory (config.json, ...)")
+    for name in MODEL_FILES:
         if not (path / name).exists():
             raise CheckpointError(f"{path} is not a model directory: {name} is missing")
+    damaged = "the model directory is damaged: train, save or port it again"
     try:
         config = Config.from_json((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE} is unreadable ({e}); {damaged}") from e
+    try:
         labels = json.loads((path / LABELS_FILE).read_text(encoding="utf-8"))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: unreadable config or labels: {e}") from e
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / LABELS_FILE} is unreadable ({e}); {damaged}") from e
+    if not isinstance(labels, dict):
+        raise CheckpointError(
+            f'{path / LABELS_FILE} must be a JSON object with "classes", not '
+            f"{type(labels).__name__}; {damaged}"
+        )
     classes = labels.get("classes")
     if not isinstance(classes, list) or len(classes) != config.model.num_classes:
         raise CheckpointError(
             f"{path / LABELS_FILE}: expected {config.model.num_classes} class names, "
             f"got {classes!r:.200}"
         )
-    variables = load_variables(path / VARIABLES_DIR)
+    try:
+        variables = load_variables(path / VARIABLES_DIR)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        # orbax's own words (a missing _METADATA, an incomplete checkpoint, a truncated array).
+        raise CheckpointError(
+            f"{path / VARIABLES_DIR}: the weights are unreadable ({e}); {damaged}"
+        ) from e
     return config, labels, variables
 
 

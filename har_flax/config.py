@@ -225,6 +225,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
+        if not isinstance(d, dict):
+            raise ValueError(f"a config is a JSON object of settings, not {type(d).__name__}")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
@@ -242,6 +244,8 @@ class Config:
 
 
 def _sub_from_dict(cls, d: dict[str, Any]):
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__} must be a JSON object of settings, not {d!r:.100}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(d) - set(fields)
     if unknown:

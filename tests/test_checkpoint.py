@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 
 import numpy as np
 import pytest
@@ -91,12 +93,79 @@ def test_load_errors_name_what_is_wrong(tmp_path):
     labels.write_text(json.dumps({"classes": ["a"], "kind": "action"}))
     with pytest.raises(checkpoint.CheckpointError, match="expected 3 class names"):
         checkpoint.load_model(path)
+    labels.write_text(json.dumps(CLASSES))  # a list, not {"classes": ...}
+    with pytest.raises(checkpoint.CheckpointError, match="labels.json must be a JSON object"):
+        checkpoint.load_model(path)
+    (path / checkpoint.CONFIG_FILE).write_text("[]")  # blamed on config.json, not on labels
+    with pytest.raises(checkpoint.CheckpointError, match="config.json is unreadable .*not list"):
+        checkpoint.load_model(path)
     (path / checkpoint.CONFIG_FILE).write_text("{not json")
-    with pytest.raises(checkpoint.CheckpointError, match="unreadable config or labels"):
+    with pytest.raises(checkpoint.CheckpointError, match="config.json is unreadable"):
         checkpoint.load_model(path)
     (path / checkpoint.CONFIG_FILE).unlink()
     with pytest.raises(checkpoint.CheckpointError, match="config.json is missing"):
         checkpoint.load_model(path)
+    with pytest.raises(checkpoint.CheckpointError, match="is a file; a model is a directory"):
+        checkpoint.load_model(labels)
+
+
+def _corrupt_variables(variables, how: str) -> None:
+    if how == "emptied":
+        for p in variables.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    elif how == "a file":
+        shutil.rmtree(variables)
+        variables.write_bytes(b"")
+    else:  # every array file cut in half
+        for p in variables.rglob("*"):
+            if p.is_file() and p.parent.name != variables.name and p.stat().st_size > 8:
+                p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("how", ["emptied", "a file", "truncated"])
+def test_damaged_weights_are_a_checkpoint_error_naming_them(tmp_path, how):
+    path = checkpoint.save_model(
+        tmp_path / "model", config=tiny(), classes=CLASSES, variables=_variables(0)
+    )
+    _corrupt_variables(path / checkpoint.VARIABLES_DIR, how)
+    with pytest.raises(checkpoint.CheckpointError, match="variables: the weights are unreadable"):
+        checkpoint.load_model(path)
+
+
+def test_a_directory_of_other_files_is_never_replaced_by_a_model(tmp_path):
+    home = tmp_path / "home"
+    (home / "sub").mkdir(parents=True)
+    (home / "thesis.txt").write_text("precious")
+    with pytest.raises(checkpoint.CheckpointError, match=r"not a model directory \(it holds sub, "):
+        checkpoint.save_model(home, config=tiny(), classes=CLASSES, variables=_variables(0))
+    assert (home / "thesis.txt").read_text() == "precious" and (home / "sub").is_dir()
+    assert _leftovers(tmp_path) == []
+    with pytest.raises(checkpoint.CheckpointError, match="thesis.txt is a file"):
+        checkpoint.save_model(
+            home / "thesis.txt" / "m", config=tiny(), classes=CLASSES, variables=_variables(0)
+        )
+    # An empty directory, or one holding a model, is a fine destination.
+    (tmp_path / "empty").mkdir()
+    for _ in range(2):
+        checkpoint.save_model(
+            tmp_path / "empty", config=tiny(), classes=CLASSES, variables=_variables(0)
+        )
+    assert checkpoint.load_model(tmp_path / "empty")[1]["classes"] == CLASSES
+
+
+def test_leftovers_of_killed_saves_are_removed_by_the_next_save(tmp_path):
+    stale_tmp, fresh_tmp = tmp_path / ".model.tmp-0ded3ff6", tmp_path / ".model.tmp-27ad0fc6"
+    old, other = tmp_path / ".model.old-616c6993", tmp_path / ".other.tmp-97e28336"
+    for d in (stale_tmp, fresh_tmp, old, other):
+        (d / "variables").mkdir(parents=True)
+    hours_ago = time.time() - 2 * 3600
+    for d in (stale_tmp, other):
+        os.utime(d, (hours_ago, hours_ago))
+    checkpoint.save_model(
+        tmp_path / "model", config=tiny(), classes=CLASSES, variables=_variables(0)
+    )
+    # A fresh tmp may be another process's save in flight; another model's are not ours.
+    assert _leftovers(tmp_path) == sorted([fresh_tmp.name, other.name])
 
 
 def test_atomic_write_replaces_and_leaves_no_temporary_files(tmp_path):

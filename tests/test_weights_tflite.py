@@ -200,6 +200,22 @@ def test_reader_rejects_a_file_that_is_not_tflite(tmp_path):
         read_tflite(bad)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_reader_names_a_damaged_tflite_file(tmp_path, damage):
+    good = BUNDLED_TFLITE.read_bytes()
+    bad = tmp_path / "damaged.tflite"
+    # A download cut short, or the right header over garbage.
+    bad.write_bytes(good[:100_000] if damage == "truncated" else good[:8] + b"\xff" * 5000)
+    with pytest.raises(WeightPortError, match="damaged.tflite is a damaged TFLite file"):
+        read_tflite(bad)
+
+
+def test_imagenet_class_names_are_unique():
+    names = imagenet_labels()
+    assert len(names) == 1001 and len(set(names)) == 1001
+    assert (names[135], names[518]) == ("crane (bird)", "crane (machine)")
+
+
 @pytest.fixture(scope="module")
 def cli_model_dir(tmp_path_factory):
     """``python scripts/port_weights.py --out DIR`` (defaults: --from tflite, bundled file)."""
@@ -256,6 +272,27 @@ def test_cli_usage_errors(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 1 and "not a TFLite model" in proc.stderr
     assert not (tmp_path / "out").exists()
+    proc = subprocess.run(
+        [sys.executable, "-m", "har_flax.cli.port_weights", str(tmp_path), "--out", "x"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert (
+        proc.returncode == 2 and f"{tmp_path} is a directory; give the .tflite file" in proc.stderr
+    )
+
+
+def test_cli_never_replaces_a_directory_of_other_files(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.txt").write_text("precious")
+    proc = subprocess.run(
+        [sys.executable, "-m", "har_flax.cli.port_weights", "--out", str(home)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "exists and is not a model directory (it holds thesis.txt)" in proc.stderr
+    assert (home / "thesis.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
 
 
 @pytest.fixture(scope="module")

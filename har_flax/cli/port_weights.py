@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from har_flax.cli import out_dir_problem
+
 FORMATS = ("tflite", "keras-h5")
 KERAS_URL = (
     "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
@@ -70,12 +72,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.source_format == "keras-h5" and args.src is None:
         parser.error(f"--from keras-h5 needs the .h5 file (download it from {KERAS_URL})")
     if args.src is not None and not args.src.is_file():
-        parser.error(f"weights file {args.src} does not exist")
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out} exists and is not a directory")
+        what = "is a directory" if args.src.is_dir() else "does not exist"
+        suffix = {"tflite": ".tflite", "keras-h5": ".h5"}[args.source_format]
+        parser.error(f"weights file {args.src} {what}; give the {suffix} file")
+    if problem := out_dir_problem("--out", args.out):
+        parser.error(problem)
 
     # Imported here so that --help and usage errors answer without loading JAX.
     from har_flax import weights
+    from har_flax.checkpoint import CheckpointError, check_model_destination
+
+    try:
+        # Before the port: the model replaces --out as a whole, so it must hold no other files.
+        check_model_destination(args.out)
+    except CheckpointError as e:
+        parser.error(f"--out {e}")
 
     src = args.src or weights.BUNDLED_TFLITE  # keras-h5 without a file was refused above
     start = time.perf_counter()
@@ -106,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             f"har-port-weights: error: {e}{_format_hint(src, args.source_format)}", file=sys.stderr
         )
         return 1
-    except OSError as e:  # Unwritable --out, disk full, unreadable source.
+    except (OSError, CheckpointError) as e:  # Unwritable --out, disk full, unreadable source.
         print(f"har-port-weights: error: {e}", file=sys.stderr)
         return 1
     print(

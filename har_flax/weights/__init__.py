@@ -41,16 +41,29 @@ class WeightPortError(ValueError):
     """A weight file cannot be ported: wrong format, missing, extra or misshapen tensors."""
 
 
+# The labels file names two ImageNet classes "crane" (n02012849, the bird, and n03126707, the
+# machine). Clients key answers by name, so each gets its own.
+_RENAMED = {135: ("crane", "crane (bird)"), 518: ("crane", "crane (machine)")}
+
+
 @functools.cache
 def _labels() -> tuple[str, ...]:
-    names = tuple(LABELS_FILE.read_text(encoding="utf-8").splitlines())
+    names = list(LABELS_FILE.read_text(encoding="utf-8").splitlines())
     if len(names) != 1001 or names[0] != "background":
         raise RuntimeError(f"{LABELS_FILE} is damaged: expected 1001 lines starting 'background'")
-    return names
+    for i, (old, new) in _RENAMED.items():
+        if names[i] != old:
+            raise RuntimeError(f"{LABELS_FILE} is damaged: line {i + 1} is not {old!r}")
+        names[i] = new
+    return tuple(names)
 
 
 def imagenet_labels() -> list[str]:
-    """The 1001 class names of the TFLite classifier; index 0 is "background", i is class i-1."""
+    """The 1001 class names of the TFLite classifier; index 0 is "background", i is class i-1.
+
+    As in the bundled labels file, except that its two "crane"s are told apart: every name is
+    unique.
+    """
     return list(_labels())
 
 

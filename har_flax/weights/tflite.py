@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,6 +96,19 @@ def read_tflite(path: str | os.PathLike = BUNDLED_TFLITE) -> list[TFLiteOp]:
     buf = path.read_bytes()
     if len(buf) < 8 or buf[4:8] != b"TFL3":
         raise WeightPortError(f"{path} is not a TFLite model (no 'TFL3' flatbuffer identifier)")
+    try:
+        return _read_ops(tflite, path, buf)
+    except WeightPortError:
+        raise
+    except (struct.error, IndexError, ValueError, TypeError, AttributeError) as e:
+        # The flatbuffer reader trusts its offsets: a truncated or corrupted file fails inside.
+        raise WeightPortError(
+            f"{path} is a damaged TFLite file ({type(e).__name__}: {e}); download it again"
+        ) from e
+
+
+def _read_ops(tflite, path: Path, buf: bytes) -> list[TFLiteOp]:
+    """:func:`read_tflite`'s parsing of a buffer that carries the TFLite identifier."""
     model = tflite.Model.GetRootAs(buf, 0)
     if model.SubgraphsLength() != 1:
         raise WeightPortError(f"{path}: expected one subgraph, found {model.SubgraphsLength()}")
