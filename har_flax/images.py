@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -24,6 +25,20 @@ ACCEPTED_FORMATS_TEXT = "JPEG, PNG, WebP, GIF or BMP"
 ANIMATED_FORMATS = ("GIF", "WEBP", "PNG")
 
 _MIB = 1024 * 1024
+# Pixels per block when converting a frame to RGB: the integer temporaries stay a few MB however
+# large the frame is (at full size they cost more than the frame itself).
+_BLOCK_PIXELS = 1 << 20
+
+# Pillow warns (DecompressionBombWarning) about any image over about 89 M pixels, just before our
+# own header check refuses it with a clear error, so every such request printed a warning to
+# stderr or the server log. The warning adds nothing here: every frame's size is checked against
+# ImageLimits.max_pixels right after open() and after each seek(), and Pillow's own error above
+# about 179 M pixels is still raised (and translated). warnings.catch_warnings() would scope the
+# silence to our calls, but it swaps the process-wide filter list and is not thread-safe, while
+# the server decodes in many threads at once. So one filter, installed at import, for this one
+# category and only as warned by Pillow. Callers that turn warnings into errors still get an
+# ImageTooLargeError (_decode_error).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module=r"PIL\.")
 
 # EXIF Orientation -> the transpose that makes the image upright (the table in
 # PIL.ImageOps.exif_transpose; applied per frame here because converted frames lose their EXIF).
@@ -110,40 +125,64 @@ def _describe_non_image(data: bytes) -> str:
         return "binary data in no known image format"
 
 
+def _row_blocks(height: int, width: int) -> Iterator[tuple[int, int]]:
+    """(top, bottom) row ranges of about _BLOCK_PIXELS pixels each, covering ``height`` rows."""
+    rows = max(1, _BLOCK_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        yield top, min(top + rows, height)
+
+
 def _to_rgb(im: Image.Image) -> np.ndarray:
-    """Any Pillow mode -> RGB uint8 (H, W, 3); transparency composited over white."""
+    """Any Pillow mode -> RGB uint8 (H, W, 3); transparency composited over white.
+
+    Works on blocks of rows cropped from the image, so decoding costs the Pillow image plus the
+    (H, W, 3) result, not full-size converted copies and uint16/int64 temporaries (those made an
+    RGBA or 16-bit frame cost about 30 bytes per pixel). Every step is per pixel, so the blocks
+    give exactly what the whole frame would.
+    """
     mode = im.mode
-    if mode.startswith("I;16") or mode == "I":
-        # 16-bit samples: map [0, 65535] to [0, 255]. (Pillow's own convert("L") clips at 255,
-        # which turns any ordinary 16-bit photo white.)
-        a = np.asarray(im).astype(np.int64)  # (H, W)
-        a = (np.clip(a, 0, 65535) * 255 + 32767) // 65535
-        return np.repeat(a.astype(np.uint8)[..., None], 3, axis=-1)
+    width, height = im.size
     if mode == "F":
         # Floating point: [0, 1] if it looks normalised, else already on the 8-bit scale.
+        # (No accepted format decodes to F, so this keeps the simple whole-frame form.)
         a = np.asarray(im, dtype=np.float64)
         a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
         if a.size and a.max() <= 1.0:
             a = a * 255.0
         a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
         return np.repeat(a[..., None], 3, axis=-1)
+    wide = mode.startswith("I;16") or mode == "I"
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         im.info.get("transparency") is not None
     )
-    if has_alpha:
-        try:
-            im = im.convert("RGBA")  # also applies palette / colour-key transparency
-        except ValueError:
-            has_alpha = False  # a mode whose transparency Pillow cannot express; ignore it
-    if not has_alpha:
-        if mode != "RGB":
-            # L, 1, P, CMYK, YCbCr, ...: Pillow's conversions are exact for these.
-            im = im.convert("RGB")
-        return np.asarray(im, dtype=np.uint8).copy()
-    rgba = np.asarray(im, dtype=np.uint16)  # (H, W, 4)
-    alpha = rgba[..., 3:]
-    rgb = (rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255  # over white, rounded
-    return rgb.astype(np.uint8)
+    out = np.empty((height, width, 3), np.uint8)
+    for top, bottom in _row_blocks(height, width):
+        block = im.crop((0, top, width, bottom))
+        if wide:
+            # 16-bit samples: map [0, 65535] to [0, 255]. (Pillow's own convert("L") clips at
+            # 255, which turns any ordinary 16-bit photo white.)
+            a = np.asarray(block).astype(np.int64)  # (h, W)
+            a = (np.clip(a, 0, 65535) * 255 + 32767) // 65535
+            out[top:bottom] = a[..., None]  # grey into all three channels
+            continue
+        # RGBA and LA are composited as they are: LA's grey composited once equals each of the
+        # equal channels that converting it to RGBA would make.
+        if has_alpha and mode not in ("RGBA", "LA"):
+            try:
+                block = block.convert("RGBA")  # also applies palette / colour-key transparency
+            except ValueError:
+                has_alpha = False  # a mode whose transparency Pillow cannot express; ignore it
+        if not has_alpha:
+            if block.mode != "RGB":
+                # L, 1, P, CMYK, YCbCr, ...: Pillow's conversions are exact for these.
+                block = block.convert("RGB")
+            out[top:bottom] = np.asarray(block, dtype=np.uint8)
+            continue
+        a = np.asarray(block, dtype=np.uint16)  # (h, W, 4) or (h, W, 2)
+        alpha = a[..., -1:]
+        # Over white, rounded; at most 255 * 255 + 127, so uint16 cannot overflow.
+        out[top:bottom] = (a[..., :-1] * alpha + 255 * (255 - alpha) + 127) // 255
+    return out
 
 
 def _orientation(im: Image.Image) -> int:
@@ -152,6 +191,29 @@ def _orientation(im: Image.Image) -> int:
         return int(im.getexif().get(ExifTags.Base.Orientation, 1))
     except Exception:  # Pillow raises many types on malformed EXIF; never fail a photo for it.
         return 1
+
+
+def _decode_error(
+    e: Exception, what: str, *, field: str, frame: int | None, limits: ImageLimits
+) -> ImageError:
+    """The :class:`ImageError` for an exception Pillow raised while reading an image.
+
+    Hostile or damaged files make Pillow raise nearly anything (OSError, SyntaxError, EOFError,
+    ValueError, IndexError, struct.error, TypeError, ...), from open(), n_frames, seek() or
+    load(); every one of them means "this file cannot be decoded". Pillow's decompression-bomb
+    guard, raised at open() or when seeking to a frame that claims a huge canvas, is "too large".
+    """
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        # (The warning arrives as an exception only where a caller turned warnings into errors.)
+        whom = "the image" if frame is None else "the frame"
+        return ImageTooLargeError(
+            f"{whom} claims so many pixels that decoding it would exhaust memory "
+            f"(limit {limits.max_pixels:,} pixels)",
+            field=field,
+            frame=frame,
+        )
+    detail = str(e) or type(e).__name__
+    return InvalidImageError(f"{what} ({detail})", field=field, frame=frame)
 
 
 def iter_frames(
@@ -176,27 +238,35 @@ def iter_frames(
         )
     try:
         im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except Image.DecompressionBombError:
-        raise ImageTooLargeError(
-            f"the image claims so many pixels that decoding it would exhaust memory "
-            f"(limit {limits.max_pixels:,} pixels)",
-            field=field,
-        ) from None
     except Image.UnidentifiedImageError:
         raise InvalidImageError(
             f"{_describe_non_image(data)}, not an image har-flax can read; "
             f"send {ACCEPTED_FORMATS_TEXT}",
             field=field,
         ) from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
-        raise InvalidImageError(f"corrupt or truncated image header ({e})", field=field) from None
+    except MemoryError:
+        raise
+    except Exception as e:  # see _decode_error; MemoryError is the server's problem, not the file's
+        raise _decode_error(
+            e, "corrupt or truncated image header", field=field, frame=None, limits=limits
+        ) from None
 
     with im:
         fmt = im.format or "?"
         try:
             n_frames = int(getattr(im, "n_frames", 1)) if fmt in ANIMATED_FORMATS else 1
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise InvalidImageError(f"corrupt {fmt} animation ({e})", field=field) from None
+        except MemoryError:
+            raise
+        except Exception as e:
+            # Counting parses every frame header (GIF): the one after the last good one is bad.
+            raise _decode_error(
+                e, f"corrupt {fmt} animation", field=field, frame=im.tell() + 1, limits=limits
+            ) from None
+        # An APNG whose IDAT precedes its first fcTL has a "default image" for viewers without
+        # APNG support, which the APNG spec excludes from the animation; Pillow counts it as
+        # frame 0. An animation with no frame besides it (invalid) keeps it as a still.
+        first = 1 if fmt == "PNG" and n_frames > 1 and im.info.get("default_image") else 0
+        n_frames -= first
         width, height = im.size
         if width * height > limits.max_pixels:
             raise ImageTooLargeError(
@@ -233,9 +303,17 @@ def iter_frames(
         for index in range(n_frames):
             frame = index if n_frames > 1 else None
             try:
-                if index:
-                    im.seek(index)
+                if index + first:
+                    im.seek(index + first)
                 if im.size != (width, height):  # frames of one file share the canvas size
+                    w, h = im.size
+                    if w * h > limits.max_pixels:  # a GIF frame may grow the canvas
+                        raise ImageTooLargeError(
+                            f"{w}x{h} is {w * h:,} pixels, over the limit of "
+                            f"{limits.max_pixels:,} per frame",
+                            field=field,
+                            frame=frame,
+                        )
                     raise InvalidImageError(
                         f"frame size {im.size} differs from the image's {width}x{height}",
                         field=field,
@@ -246,13 +324,15 @@ def iter_frames(
                     # Read after load: PNG may carry its eXIf chunk after the pixel data.
                     transpose = _ORIENTATION_TRANSPOSE.get(_orientation(im))
                 rgb = _to_rgb(im)
-            except ImageError:
+            except (ImageError, MemoryError):
                 raise
-            except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
-                raise InvalidImageError(
-                    f"truncated or corrupt {fmt} data, cannot decode it ({e})",
+            except Exception as e:  # see _decode_error
+                raise _decode_error(
+                    e,
+                    f"truncated or corrupt {fmt} data, cannot decode it",
                     field=field,
                     frame=frame,
+                    limits=limits,
                 ) from None
             if transpose is not None:
                 rgb = np.asarray(Image.fromarray(rgb).transpose(transpose))
@@ -266,7 +346,8 @@ def decode_frames(
 
     EXIF orientation is applied; transparency (RGBA, LA, palette or colour-key) is composited
     over white; CMYK, grayscale, 16-bit grayscale (scaled, not clipped) and 1-bit become RGB.
-    An animated GIF/WebP/PNG gives all its frames, each the full composited canvas.
+    An animated GIF/WebP/PNG gives all its frames, each the full composited canvas (an APNG's
+    fallback default image is not one of them).
 
     Args:
       data: the encoded file.

@@ -7,16 +7,19 @@ from the decoder under test. Fast and JAX-free.
 from __future__ import annotations
 
 import io
+import random
 import struct
 import subprocess
 import sys
 import time
+import warnings
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from har_flax import images
 from har_flax.images import (
     ImageError,
     ImageLimits,
@@ -145,6 +148,27 @@ def test_one_bit():
     assert (out == out[..., :1]).all()
 
 
+@pytest.mark.parametrize("block_pixels", [64, 5])  # several rows per block; one row per block
+def test_conversion_in_row_blocks_is_exact(monkeypatch, block_pixels):
+    # Frames are converted in blocks of rows; tiny blocks (and a height that is no multiple of
+    # the block) must give exactly the whole-frame values, computed here in floating point.
+    monkeypatch.setattr(images, "_BLOCK_PIXELS", block_pixels)
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (37, 13, 4), np.uint8)
+    colour, alpha = rgba[..., :3].astype(float), rgba[..., 3:].astype(float)
+    over_white = np.rint((colour * alpha + 255 * (255 - alpha)) / 255)
+    np.testing.assert_array_equal(decode_one(encode(Image.fromarray(rgba, "RGBA"))), over_white)
+    la = np.ascontiguousarray(rgba[..., 2:])  # (grey, alpha)
+    grey, alpha = la[..., :1].astype(float), la[..., 1:].astype(float)
+    expected = np.repeat(np.rint((grey * alpha + 255 * (255 - alpha)) / 255), 3, axis=-1)
+    np.testing.assert_array_equal(decode_one(encode(Image.fromarray(la, "LA"))), expected)
+    wide = rng.integers(0, 65536, (37, 13), np.uint16)
+    expected = np.repeat(np.rint(wide / 257.0)[..., None], 3, axis=-1)  # 65535 / 255 = 257
+    np.testing.assert_array_equal(decode_one(encode(Image.fromarray(wide))), expected)
+    rgb = rgba[..., :3]
+    np.testing.assert_array_equal(decode_one(encode(Image.fromarray(rgb))), rgb)
+
+
 # ---------------------------------------------------------------------------------------------
 # EXIF orientation
 
@@ -239,6 +263,21 @@ def test_animated_webp_gives_every_frame():
     np.testing.assert_array_equal(out[2][8, 8], (255, 255, 255))
 
 
+def test_apng_default_image_is_not_a_frame():
+    # IDAT before the first fcTL: a fallback for viewers without APNG, not part of the animation.
+    red, green, blue = solid_frames()
+    data = encode(red, "PNG", save_all=True, append_images=[green, blue], default_image=True)
+    assert Image.open(io.BytesIO(data)).info.get("default_image")
+    out = decode_frames(data, limits=ImageLimits(max_frames=2))  # the fallback is not counted
+    assert [tuple(frame[6, 8]) for frame in out] == [COLOURS[1], COLOURS[2]]
+    # With one animation frame besides the fallback, that frame is a still.
+    data = encode(red, "PNG", save_all=True, append_images=[green], default_image=True)
+    np.testing.assert_array_equal(decode_one(data)[6, 8], COLOURS[1])
+    # Without a default image the first frame is an animation frame, as before.
+    data = encode(red, "PNG", save_all=True, append_images=[green, blue])
+    assert [tuple(frame[6, 8]) for frame in decode_frames(data)] == COLOURS
+
+
 def test_multi_picture_jpeg_is_its_first_picture(crop):
     # Phones write MPO files: the photo, then previews or depth maps. Only the photo counts.
     data = encode(Image.fromarray(crop), "MPO", save_all=True, quality=95,
@@ -305,6 +344,31 @@ def test_giant_bomb_beyond_pillows_own_guard():
     # 10 G pixels: Pillow itself refuses at open() (DecompressionBombError); still our error type.
     with pytest.raises(ImageTooLargeError):
         decode_frames(png_header_bomb(100_000, 100_000, valid_data=False))
+
+
+def test_pillow_bomb_warning_is_not_printed():
+    # 100 M pixels is over Pillow's warning threshold (about 89 M) and under its error; our own
+    # limit refuses it cleanly, and Pillow's DecompressionBombWarning must not reach stderr (a
+    # fresh process: pytest's warning capture would show what a filter hides).
+    code = (
+        "import sys; from har_flax.images import decode_frames, ImageTooLargeError\n"
+        "try: decode_frames(sys.stdin.buffer.read())\n"
+        "except ImageTooLargeError as e: print(e)\n"
+    )
+    bomb = png_header_bomb(10_000, 10_000, valid_data=False)
+    run = subprocess.run([sys.executable, "-W", "always", "-c", code], input=bomb,
+                         capture_output=True, check=True)  # fmt: skip
+    assert b"100,000,000 pixels, over the limit" in run.stdout
+    assert run.stderr == b""
+
+
+def test_pillow_bomb_warning_as_error_is_still_too_large():
+    # Where warnings are errors, Pillow raises its warning from open(): still our error type.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageTooLargeError) as e:
+            decode_frames(png_header_bomb(10_000, 10_000, valid_data=False), field="images[1]")
+    assert e.value.field == "images[1]" and e.value.frame is None
 
 
 def test_too_many_bytes(cat_jpeg):
@@ -388,6 +452,96 @@ def test_truncated_animation_names_the_frame():
     with pytest.raises(InvalidImageError) as e:
         decode_frames(cut, field="images[0]")
     assert e.value.frame == 2 and "frame 2" in str(e.value)
+
+
+def three_frame_gif() -> bytes:
+    """A 3-frame 64 x 64 GIF; each frame has a graphic control extension and a descriptor."""
+    frames = [Image.new("RGB", (64, 64), c) for c in COLOURS]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+
+
+def frame_header(gif: bytes, kind: bytes, frame: int) -> int:
+    """Offset of a frame's graphic control extension (b"!") or image descriptor (b",")."""
+    marker = b"!\xf9" if kind == b"!" else b",\x00\x00\x00\x00\x40\x00\x40\x00"
+    offset = -1
+    for _ in range(frame + 1):
+        offset = gif.index(marker, offset + 1)
+    return offset
+
+
+def test_gif_frame_claiming_a_huge_canvas_is_too_large():
+    # A later frame's descriptor claims 65535 x 65535: Pillow's bomb guard fires in seek().
+    gif = bytearray(three_frame_gif())
+    descriptor = frame_header(bytes(gif), b",", 1)
+    gif[descriptor + 5 : descriptor + 9] = b"\xff\xff\xff\xff"
+    with pytest.raises(ImageTooLargeError) as e:
+        decode_frames(bytes(gif), field="images[1]")
+    assert e.value.field == "images[1]" and e.value.frame == 1
+    assert str(e.value).startswith("images[1] frame 1: ")
+    # 8000 x 8000: under Pillow's guard, over ours.
+    gif[descriptor + 5 : descriptor + 9] = struct.pack("<HH", 8000, 8000)
+    with pytest.raises(ImageTooLargeError, match="64,000,000 pixels") as e:
+        decode_frames(bytes(gif), field="images[1]")
+    assert e.value.field == "images[1]" and e.value.frame == 1
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        lambda gif: frame_header(gif, b"!", 1) + 1,  # Pillow: IndexError
+        lambda gif: frame_header(gif, b",", 1) + 1,  # Pillow: struct.error
+        lambda gif: frame_header(gif, b",", 1) + 4,
+    ],
+)
+def test_gif_truncated_in_a_frame_header_names_the_frame(cut):
+    gif = three_frame_gif()
+    with pytest.raises(InvalidImageError) as e:
+        decode_frames(gif[: cut(gif)], field="images[2]")
+    assert e.value.field == "images[2]" and e.value.frame == 1
+    assert str(e.value).startswith("images[2] frame 1: ")
+
+
+def fuzz_seeds() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    rgb = [Image.fromarray(rng.integers(0, 256, (12, 16, 3), np.uint8)) for _ in range(3)]
+    rgba = [Image.fromarray(rng.integers(0, 256, (12, 16, 4), np.uint8), "RGBA") for _ in range(3)]
+    animated = {"save_all": True, "duration": 50}
+    return {
+        "gif": encode(rgb[0], "GIF", append_images=rgb[1:], **animated),
+        "apng": encode(rgba[0], "PNG", append_images=rgba[1:], default_image=True, **animated),
+        "webp": encode(rgba[0], "WEBP", append_images=rgba[1:], lossless=True, **animated),
+        "png16": encode(Image.fromarray(rng.integers(0, 65536, (12, 16), np.uint16))),
+        "jpeg": encode(rgb[0], "JPEG", progressive=True),
+        "bmp": encode(rgb[0].convert("P"), "BMP"),
+    }
+
+
+def test_damaged_files_raise_only_image_errors():
+    # A small seeded fuzz: truncations, bit flips and overwritten bytes of small files. Pillow
+    # raises a dozen exception types on such input; callers must only ever see ImageError.
+    seeds = fuzz_seeds()
+    rng = random.Random(0)
+    outcomes = {"decoded": 0, "refused": 0}
+    for case in range(400):
+        name = sorted(seeds)[case % len(seeds)]
+        data = bytearray(seeds[name])
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(data))
+            op = rng.random()
+            if op < 0.4:
+                data[i] ^= 1 << rng.randrange(8)
+            elif op < 0.7:
+                data[i] = rng.choice((0x00, 0xFF, rng.randrange(256)))
+            else:
+                data = data[: max(1, i)]
+        try:
+            decode_frames(bytes(data), limits=ImageLimits(max_total_pixels=4_000_000))
+            outcomes["decoded"] += 1
+        except ImageError:
+            outcomes["refused"] += 1
+        except Exception as e:  # anything else is the defect this test is for
+            pytest.fail(f"case {case} ({name}): {type(e).__name__}: {e}")
+    assert min(outcomes.values()) > 20, outcomes  # both paths were exercised
 
 
 def test_errors_are_value_errors():
