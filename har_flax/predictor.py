@@ -382,6 +382,33 @@ class Predictor:
             outputs.append((self._executable(bucket)(chunk), n))
         return np.concatenate([np.asarray(out)[:n] for out, n in outputs])  # (N, K)
 
+    def _type_error(self, value: Any, where: str) -> TypeError:
+        """What to pass instead, for a request that is not encoded image bytes."""
+        kind = type(value).__name__
+        if isinstance(value, np.ndarray):
+            s = self.info.image_size
+            t = "T" if self._per_frame else str(self.info.num_frames)
+            return TypeError(
+                f"{where} is a decoded numpy array {value.dtype} {value.shape}, but prepare() "
+                "takes encoded image files (the bytes of a JPEG, PNG, WebP, GIF or BMP). For "
+                f"decoded RGB frames, resize each with har_flax.images.resize_frame(frame, {s}) "
+                f"and pass np.stack(frames), uint8 ({t}, {s}, {s}, 3), to predict_samples()"
+            )
+        if isinstance(value, (str, os.PathLike)):
+            return TypeError(
+                f"{where} is a file path ({kind}), but prepare() takes the file's contents: "
+                "pass Path(p).read_bytes()"
+            )
+        if hasattr(value, "read"):
+            return TypeError(
+                f"{where} is an open file ({kind}), but prepare() takes the file's contents: "
+                "pass f.read() (opened in binary mode)"
+            )
+        return TypeError(
+            f"{where} is of type {kind}; prepare() takes encoded image bytes (one image) or a "
+            "sequence of them (the frames of one request), e.g. [Path(p).read_bytes()]"
+        )
+
     # -- the public API -------------------------------------------------------------------------
 
     def prepare(self, images: Sequence[bytes]) -> np.ndarray:
@@ -402,9 +429,19 @@ class Predictor:
         Raises:
           InvalidImageError, ImageTooLargeError: with ``.field`` = ``"images[i]"`` (or
             ``"images"`` for the request as a whole) and ``.frame``.
+          TypeError: ``images`` is not bytes or a sequence of bytes (a path, an open file, a
+            decoded array); the message says what to pass instead.
         """
-        if isinstance(images, (bytes, bytearray, memoryview)):
+        encoded = (bytes, bytearray, memoryview)
+        if isinstance(images, encoded):
             images = [images]
+        # Checked first, so a wrong type is named as such: a str is a Sequence too, and a
+        # decoded (300, 400, 3) array has a length, so it would be "300 images, over the limit".
+        if isinstance(images, str) or not isinstance(images, Sequence):
+            raise self._type_error(images, "images")
+        for i, data in enumerate(images):
+            if not isinstance(data, encoded):
+                raise self._type_error(data, f"images[{i}]")
         if len(images) == 0:
             raise InvalidImageError("no images in the request; send at least one", field="images")
         if len(images) > self.limits.max_frames:

@@ -23,6 +23,7 @@ from PIL import Image
 
 from har_flax import config as cfg_lib
 from har_flax.checkpoint import CheckpointError, save_model
+from har_flax.cli.predict import SAMPLE_IMAGE
 from har_flax.cli.predict import main as predict_main
 from har_flax.images import (
     ImageLimits,
@@ -373,6 +374,54 @@ def test_request_errors_name_the_field(action_predictor, photos, cat_jpeg):
         action_predictor.predict_samples([np.zeros((3, 32, 32, 3), np.uint8)])
 
 
+def test_prepare_says_what_to_pass_for_a_wrong_argument_type(
+    action_predictor, frame_predictor, photo_arrays, cat_jpeg, tmp_path
+):
+    path = tmp_path / "cat.jpg"
+    path.write_bytes(cat_jpeg)
+    decoded = photo_arrays["chelsea"]  # (300, 451, 3): not "300 images, over the limit"
+    with pytest.raises(
+        TypeError, match=r"images is a decoded numpy array uint8 \(300, 451, 3\)"
+    ) as e:
+        action_predictor.prepare(decoded)
+    message = str(e.value)
+    assert "encoded image files" in message and "predict_samples()" in message
+    assert "resize_frame(frame, 32)" in message and "(4, 32, 32, 3)" in message
+    # Following the advice works: decoded frames through resize_frame and predict_samples.
+    sample = np.stack([resize_frame(decoded, 32)] * 4)
+    assert len(action_predictor.predict_samples([sample])[0]) == len(ACTION_CLASSES)
+    with pytest.raises(TypeError, match=r"\(T, 32, 32, 3\)"):  # any number of frames
+        frame_predictor.prepare(decoded)
+    with pytest.raises(
+        TypeError, match=r"images is a file path \(PosixPath\).*Path\(p\)\.read_bytes\(\)"
+    ):
+        action_predictor.prepare(path)
+    with pytest.raises(
+        TypeError, match=r"images is a file path \(str\).*Path\(p\)\.read_bytes\(\)"
+    ):
+        action_predictor.prepare(str(path))
+    with (
+        path.open("rb") as f,
+        pytest.raises(TypeError, match=r"images is an open file.*f\.read\(\)"),
+    ):
+        action_predictor.prepare(f)
+    with pytest.raises(TypeError, match=r"images is of type int; .*sequence of them"):
+        action_predictor.prepare(7)
+    # The same inside a sequence, named by position; checked before the frame limit.
+    with pytest.raises(TypeError, match=r"images\[1\] is a file path \(PosixPath\)"):
+        action_predictor.prepare([cat_jpeg, path])
+    with pytest.raises(TypeError, match=r"images\[0\] is a decoded numpy array"):
+        action_predictor.prepare([decoded] * 100)
+    with pytest.raises(TypeError, match=r"images is a file path"):  # predict() checks the same
+        action_predictor.predict(path)
+    # What the messages suggest is accepted.
+    with path.open("rb") as f:
+        np.testing.assert_array_equal(
+            action_predictor.prepare(f.read()), action_predictor.prepare([path.read_bytes()])
+        )
+    assert action_predictor.prepare((bytearray(cat_jpeg),)).shape == (4, 32, 32, 3)
+
+
 def test_model_directory_errors(tmp_path, action_model):
     with pytest.raises(CheckpointError, match="does not exist"):
         Predictor.load(tmp_path / "missing", warmup=False)
@@ -415,6 +464,71 @@ def test_cli_sequence_each_json_and_errors(action_model, tmp_path, photos, capsy
     assert str(bad) in err and "text" in err
     assert predict_main(["--model", path, str(tmp_path / "nope.jpg")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_cli_each_answers_the_good_files_and_reports_the_bad(
+    action_model, tmp_path, photos, capsys
+):
+    path = str(action_model[0])
+    good, bad, folder = tmp_path / "cat.jpg", tmp_path / "notes.jpg", tmp_path / "folder"
+    good.write_bytes(photos["chelsea"])
+    bad.write_text("not a photo")
+    folder.mkdir()
+    argv = ["--model", path, "--top-k", "1", "--each", str(good), str(bad), str(folder), str(good)]
+    assert predict_main(argv) == 2  # something failed: the exit says so, at the end
+    captured = capsys.readouterr()
+    assert captured.out.count(f"{good}:") == 2  # both good files answered, in order
+    assert f"{bad}: text, not an image" in captured.err
+    assert f"{folder}: is a directory, not an image file" in captured.err
+    assert "2 of 4 images failed" in captured.err
+
+    assert predict_main([*argv, "--json"]) == 2
+    entries = json.loads(capsys.readouterr().out)["predictions"]
+    assert [sorted(e) for e in entries] == [
+        ["action", "all_predictions", "confidence", "images"],
+        ["error", "images"],
+        ["error", "images"],
+        ["action", "all_predictions", "confidence", "images"],
+    ]
+    assert entries[1]["images"] == [str(bad)] and "not an image" in entries[1]["error"]
+
+
+def test_cli_limits_are_flags_and_a_huge_file_is_not_read_whole(action_model, tmp_path, capsys):
+    path = str(action_model[0])
+    sparse = tmp_path / "huge.jpg"
+    with open(sparse, "wb") as f:
+        f.truncate(3 * 2**30)  # 3 GiB that take no disk; reading them whole would take RAM
+    assert predict_main(["--model", path, str(sparse)]) == 2
+    err = capsys.readouterr().err
+    assert "over the 64 MiB limit per image (raise the limit with --max-image-mb)" in err
+
+    # 48 MP is over the server's 40 M pixels per frame, not over this command's default.
+    phone = tmp_path / "phone.png"
+    Image.new("L", (8000, 6000), 128).save(phone)
+    assert predict_main(["--model", path, "--json", str(phone)]) == 0
+    capsys.readouterr()
+    assert predict_main(["--model", path, "--max-pixels", "1000000", str(phone)]) == 2
+    assert "(raise the limit with --max-pixels)" in capsys.readouterr().err
+    assert predict_main(["--model", path, "--max-frames", "1", str(phone), str(phone)]) == 2
+    assert "(raise the limit with --max-frames)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        predict_main(["--model", path, "--max-pixels", "0", str(phone)])
+    assert e.value.code == 2 and "--max-pixels must be positive" in capsys.readouterr().err
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly():
+    """`har-predict --json ... | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    sample = str(SAMPLE_IMAGE)
+    proc = subprocess.Popen(  # 3 x 1001 classes: ~270 KB, far over a pipe's 64 KB buffer
+        [sys.executable, "-m", "har_flax.cli.predict", "--json", "--top-k", "0", "--each",
+         sample, sample, sample],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+    )  # fmt: skip
+    assert proc.stdout.read(2) == b"{\n"
+    proc.stdout.close()  # the writer is blocked on a full pipe: its next write fails
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
 # ---------------------------------------------------------------------------------------------

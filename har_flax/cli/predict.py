@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -42,81 +43,160 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--top-k", type=int, default=5, help="classes to print per answer, 0 = all (default: 5)"
     )
-    parser.add_argument("--each", action="store_true", help="classify every image on its own")
+    parser.add_argument(
+        "--each",
+        action="store_true",
+        help="classify every image on its own; a bad file is reported and the others answered",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    # Local files are the user's own: limits higher than the server's (which guards against
+    # strangers' decompression bombs), still below Pillow's own refusal at ~179 M pixels.
+    limits = parser.add_argument_group("limits (higher than the server's: these are your files)")
+    limits.add_argument(
+        "--max-image-mb", type=float, default=64, metavar="MB",
+        help="largest file, in MiB (default: 64)",
+    )  # fmt: skip
+    limits.add_argument(
+        "--max-pixels", type=int, default=150_000_000, metavar="N",
+        help="largest frame, width x height (default: 150000000)",
+    )  # fmt: skip
+    limits.add_argument(
+        "--max-frames", type=int, default=512, metavar="N",
+        help="most frames per answer, animated images counted per frame (default: 512)",
+    )  # fmt: skip
     return parser
+
+
+# Which flag raises the limit an ImageTooLargeError names (by the words of its message).
+_LIMIT_FLAGS = (
+    ("limit per image", "--max-image-mb"),
+    ("per frame", "--max-pixels"),  # (Pillow's own refusal, "exhaust memory", is final)
+    ("frames per request", "--max-frames"),
+    ("decoded pixels per request", "--max-frames or --max-pixels"),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command; returns the exit status (0 ok, 2 bad input or model)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader left (`har-predict --json ... | head`): no traceback, and none at exit
+        # either, when Python flushes the dead pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.top_k < 0:
         parser.error(f"--top-k must be 0 (all) or positive, got {args.top_k}")
+    for flag, value in (("--max-image-mb", args.max_image_mb), ("--max-pixels", args.max_pixels),
+                        ("--max-frames", args.max_frames)):  # fmt: skip
+        if not value > 0:
+            parser.error(f"{flag} must be positive, got {value}")
+    if args.model is not None and args.model.is_file():
+        parser.error(f"--model {args.model} is a file; give the model directory (config.json, ...)")
     paths: list[Path] = args.images or [SAMPLE_IMAGE]
     if not args.images and not args.json:
         print(f"(no image given: classifying the bundled sample {SAMPLE_IMAGE})")
-    blobs = []
-    for path in paths:
-        try:
-            blobs.append(path.read_bytes())
-        except OSError as e:
-            print(f"har-predict: error: cannot read {path}: {e.strerror or e}", file=sys.stderr)
-            return 2
+    max_bytes = int(args.max_image_mb * 2**20)
+    groups = [[i] for i in range(len(paths))] if args.each else [list(range(len(paths)))]
+    # A file that cannot be read fails its group (with --each, only itself): {index: message}.
+    blobs, unreadable = _read_files(paths, max_bytes)
+    if unreadable and not args.each:
+        for i, message in unreadable.items():
+            print(f"har-predict: error: {paths[i]}: {message}", file=sys.stderr)
+        return 2
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Imported here so that --help and usage errors answer without loading JAX.
     from har_flax.checkpoint import CheckpointError
-    from har_flax.images import ImageError
+    from har_flax.images import ImageError, ImageLimits
     from har_flax.predictor import Predictor
 
-    groups = [[i] for i in range(len(paths))] if args.each else [list(range(len(paths)))]
+    limits = ImageLimits(
+        max_bytes=max_bytes,
+        max_pixels=args.max_pixels,
+        max_frames=args.max_frames,
+        max_total_pixels=args.max_pixels * args.max_frames,
+    )
     start = time.perf_counter()
     try:
         # One bucket, compiled on first use: a one-shot command should not warm up six.
-        predictor = Predictor.load(args.model, batch_sizes=(1,), warmup=False)
+        predictor = Predictor.load(args.model, batch_sizes=(1,), limits=limits, warmup=False)
     except CheckpointError as e:
         print(f"har-predict: error: {e}", file=sys.stderr)
         return 2
-    samples = []
-    for group in groups:
+    samples, errors = {}, {}  # by group number
+    for g, group in enumerate(groups):
+        if bad := [i for i in group if i in unreadable]:
+            errors[g] = f"{paths[bad[0]]}: {unreadable[bad[0]]}"
+            continue
         try:
-            samples.append(predictor.prepare([blobs[i] for i in group]))
+            samples[g] = predictor.prepare([blobs[i] for i in group])
         except ImageError as e:
-            print(f"har-predict: error: {_where(e, [paths[i] for i in group])}: {e.reason}",
-                  file=sys.stderr)  # fmt: skip
-            return 2
-    results = predictor.predict_samples(samples)
+            hint = next((f" (raise the limit with {f})" for words, f in _LIMIT_FLAGS
+                         if words in e.reason), "")  # fmt: skip
+            errors[g] = f"{_where(e, [paths[i] for i in group])}: {e.reason}{hint}"
+    answered = dict(zip(samples, predictor.predict_samples(list(samples.values())), strict=True))
     elapsed = time.perf_counter() - start
     info = predictor.info
     k = args.top_k or info.num_classes
+    for message in errors.values():
+        print(f"har-predict: error: {message}", file=sys.stderr)
 
     if args.json:
-        out = {
-            "model": dataclasses.asdict(info),
-            "predictions": [
-                {
-                    "images": [str(paths[i]) for i in group],
-                    "action": ranked[0][0],
-                    "confidence": ranked[0][1],
-                    "all_predictions": [{"action": c, "confidence": p} for c, p in ranked[:k]],
-                }
-                for group, ranked in zip(groups, results, strict=True)
-            ],
-        }
-        print(json.dumps(out, indent=2))
-        return 0
-    print(
-        f"model {info.name} {info.version} ({info.kind}, {info.num_classes} classes, "
-        f"{info.image_size}x{info.image_size}); {elapsed:.1f}s including compilation"
-    )
-    width = max(len(c) for c, _ in (r for ranked in results for r in ranked[:k]))
-    for group, ranked in zip(groups, results, strict=True):
-        names = ", ".join(str(paths[i]) for i in group)
+        predictions = []
+        for g, group in enumerate(groups):
+            entry: dict = {"images": [str(paths[i]) for i in group]}
+            if g in errors:
+                entry["error"] = errors[g]
+            else:
+                ranked = answered[g]
+                entry["action"], entry["confidence"] = ranked[0]
+                entry["all_predictions"] = [{"action": c, "confidence": p} for c, p in ranked[:k]]
+            predictions.append(entry)
+        print(json.dumps({"model": dataclasses.asdict(info), "predictions": predictions}, indent=2))
+        return 2 if errors else 0
+    if answered:
+        print(
+            f"model {info.name} {info.version} ({info.kind}, {info.num_classes} classes, "
+            f"{info.image_size}x{info.image_size}); {elapsed:.1f}s including compilation"
+        )
+        width = max(len(c) for c, _ in (r for ranked in answered.values() for r in ranked[:k]))
+    for g, ranked in answered.items():
+        names = ", ".join(str(paths[i]) for i in groups[g])
         print(f"\n{names}:")
         for rank, (name, p) in enumerate(ranked[:k], 1):
             print(f"  {rank:>3}. {name:<{width}}  {p:.4f}")
-    return 0
+    if errors and args.each:
+        print(f"har-predict: {len(errors)} of {len(groups)} images failed (above)", file=sys.stderr)
+    return 2 if errors else 0
+
+
+def _read_files(paths: list[Path], max_bytes: int) -> tuple[dict[int, bytes], dict[int, str]]:
+    """Reads each file, never more than ``max_bytes`` + 1 of it: (contents, problems) by index."""
+    blobs, problems = {}, {}
+    for i, path in enumerate(paths):
+        try:
+            if path.is_dir():
+                problems[i] = "is a directory, not an image file"
+                continue
+            with open(path, "rb") as f:
+                data = f.read(max_bytes + 1)
+        except OSError as e:
+            problems[i] = f"cannot read it: {e.strerror or e}"
+            continue
+        if len(data) > max_bytes:
+            problems[i] = (
+                f"over the {max_bytes / 2**20:.4g} MiB limit per image "
+                "(raise the limit with --max-image-mb)"
+            )
+            continue
+        blobs[i] = data
+    return blobs, problems
 
 
 def _where(error, paths: list[Path]) -> str:
