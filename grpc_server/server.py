@@ -242,22 +242,33 @@ class HarServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         address = f"{c.host}:{c.port}"
+        # Read first: an unreadable TLS file is its own error, not a port problem.
+        credentials = server_credentials(c) if c.tls else None
         try:
-            if c.tls:
-                port = server.add_secure_port(address, server_credentials(c))
+            if credentials is not None:
+                port = server.add_secure_port(address, credentials)
             else:
                 port = server.add_insecure_port(address)
         except RuntimeError as e:
             raise ServerError(f"cannot listen on {address}: {e} (is the port in use?)") from None
         if port == 0:  # Older grpcio reports a failed bind this way instead of raising.
             raise ServerError(f"cannot listen on {address} (is the port in use?)")
+        if c.metrics_port is not None:
+            # Before the gRPC server starts: a busy metrics port stops everything, cleanly.
+            try:
+                self._metrics_httpd = self.metrics.serve(c.metrics_port, c.metrics_host)
+            except OSError as e:
+                server.stop(None)
+                raise ServerError(
+                    f"cannot serve metrics on {c.metrics_host}:{c.metrics_port} "
+                    f"(--metrics-port): {e.strerror or e} (is the port in use?)"
+                ) from None
+            self.metrics_port = self._metrics_httpd.server_address[1]
         server.start()
         self._server, self.port = server, port
         scheme = "tls" if c.tls else "plaintext"
         log.info("listening on %s:%d (%s)", c.host, port, scheme)
-        if c.metrics_port is not None:
-            self._metrics_httpd = self.metrics.serve(c.metrics_port, c.metrics_host)
-            self.metrics_port = self._metrics_httpd.server_address[1]
+        if self.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", c.metrics_host, self.metrics_port)
         return port
 

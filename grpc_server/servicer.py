@@ -181,6 +181,8 @@ class ActionRecognitionServicer(har_pb2_grpc.ActionRecognitionServicer):
             if not context.is_active():
                 raise _gone(context)
             scores, batch_size = predictor.predict_samples([sample])[0], 1
+            if self._metrics is not None:  # (the batcher reports its own model calls)
+                self._metrics.batch(1)
         annotate(batch=batch_size)
 
         top = scores[: request.top_k] if request.top_k else scores

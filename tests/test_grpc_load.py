@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_support import jpeg, probabilities, rich_details, shared_tmp, stub, tiny_model_dir
 
 from grpc_server.config import ServerConfig
-from grpc_server.server import HarServer
+from grpc_server.server import HarServer, ServerError
 from har_flax.proto.har.v1 import har_pb2
 
 CLIENTS, REQUESTS_PER_CLIENT = 64, 50
@@ -88,6 +88,34 @@ def _same_answer(got: dict[str, float], want: dict[str, float]) -> bool:
 
 def _sample(server, name, **labels) -> float:
     return server.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+def test_unbatched_model_calls_are_counted_too(unbatched, inputs):
+    """Batching is off on a CPU by default: the model metrics must not stay at 0 there."""
+    calls, samples = (
+        _sample(unbatched, n) for n in ("har_batch_size_count", "har_model_samples_total")
+    )
+    client = stub(f"127.0.0.1:{unbatched.port}")
+    for image in inputs[:3]:
+        client.Predict(har_pb2.PredictRequest(images=[image]), timeout=30)
+    assert _sample(unbatched, "har_batch_size_count") == calls + 3
+    assert _sample(unbatched, "har_batch_size_sum") >= 3
+    assert _sample(unbatched, "har_model_samples_total") == samples + 3
+
+
+def test_a_busy_metrics_port_is_a_clear_error_and_nothing_is_left_listening(predictor):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        server = HarServer(ServerConfig(host="127.0.0.1", port=0, metrics_port=busy,
+                                        metrics_host="127.0.0.1"))  # fmt: skip
+        with pytest.raises(ServerError, match=rf"cannot serve metrics on 127.0.0.1:{busy} "
+                           r"\(--metrics-port\): Address already in use"):  # fmt: skip
+            server.start()
+    assert server.port is None  # the gRPC port was never opened for business
 
 
 def test_inputs_are_told_apart(sequential):
