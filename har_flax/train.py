@@ -1002,9 +1002,11 @@ def _check_resumable_config(workdir: Path, config: Config) -> int | None:
 
     The compute settings (``model.dtype``, ``model.depthwise_impl``) may change: they leave the
     variables as they are, and switching them is the remedy for some numerical failures. So
-    may :data:`RESUMABLE_CHANGES`, and :data:`REMEDY_CHANGES` with a warning. Every other
+    may :data:`RESUMABLE_CHANGES`, and :data:`REMEDY_CHANGES` lowered, with a warning (a
+    lower rate is the remedy for a diverging run; a higher one is a new run). Every other
     training setting shapes the trajectory (the batches, the schedule, the optimiser state's
-    structure), so a resumed run with another value would be neither run.
+    structure), so a resumed run with another value would be neither run. Every refused
+    difference, of the model and of training, is named in one error.
 
     Returns:
       The saved ``train.epochs`` when the requested one differs (else None): allowed only for a
@@ -1015,21 +1017,25 @@ def _check_resumable_config(workdir: Path, config: Config) -> int | None:
         return None
     old = Config.from_json(path.read_text(encoding="utf-8"))
     hint = f"use a new --workdir, or the saved settings ({path})"
-    compute = {"dtype": config.model.dtype, "depthwise_impl": config.model.depthwise_impl}
-    if dataclasses.replace(old.model, **compute) != config.model:
-        diff = _differences(old.model, config.model, ignore=tuple(compute))
-        raise ValueError(
-            f"{workdir} holds a run of another model ({diff} as (saved, requested)); {hint}"
-        )
+    compute = ("dtype", "depthwise_impl")
+    model_changed = _differences(old.model, config.model, ignore=compute)
     changed = _differences(old.train, config.train, ignore=RESUMABLE_CHANGES)
-    refused = {k: v for k, v in changed.items() if k not in REMEDY_CHANGES and k != "epochs"}
+    refused = {f"model.{k}": v for k, v in model_changed.items()}
+    for k, (saved, requested) in changed.items():
+        if k == "epochs" or (k in REMEDY_CHANGES and requested <= saved):
+            continue
+        refused[f"train.{k}"] = (saved, requested)
     if refused:
-        listed = ", ".join(
-            f"train.{k}: {a!r} saved, {b!r} requested" for k, (a, b) in refused.items()
+        listed = "; ".join(f"{k}: {a!r} saved, {b!r} requested" for k, (a, b) in refused.items())
+        raising = [k for k in refused if k.split(".")[1] in REMEDY_CHANGES]
+        note = (
+            f" ({' and '.join(raising)} may only be lowered, the remedy for a diverging run)"
+            if raising
+            else ""
         )
         raise ValueError(
-            f"{workdir} holds a run with other training settings ({listed}), which a resumed "
-            f"run cannot change; {hint}"
+            f"{workdir} holds a run with other settings, which a resumed run cannot change: "
+            f"{listed}{note}; {hint}"
         )
     for k in REMEDY_CHANGES:
         if k in changed:

@@ -333,7 +333,7 @@ def test_early_stopping_and_model_mismatch(splits, tmp_path):
     assert result.best_val_accuracy == max(accs)
 
     # Resuming a run with another model is refused with the fields that differ.
-    with pytest.raises(ValueError, match="another model.*lstm_units"):
+    with pytest.raises(ValueError, match="cannot change: model.lstm_units: 16 saved, 8 requested"):
         train.fit(override(cfg, {"model.lstm_units": 8}), tmp_path, splits=splits)
 
 
@@ -415,6 +415,18 @@ def test_a_resume_may_lower_the_learning_rate_with_a_warning(tmp_path, caplog):
         assert train._check_resumable_config(tmp_path, changed) is None
     assert "resuming with train.learning_rate=0.0001 (saved: 0.003)" in caplog.text
     assert "log_every_steps" not in caplog.text
+    # A higher rate is not a remedy but another run; every refused difference is named at once.
+    raised = override(
+        CONFIG,
+        {"train.learning_rate": 1.0, "train.batch_size": 16, "model.lstm_units": 8},
+    )
+    with pytest.raises(ValueError) as e:
+        train._check_resumable_config(tmp_path, raised)
+    for part in ("model.lstm_units: 16 saved, 8 requested",
+                 "train.batch_size: 8 saved, 16 requested",
+                 "train.learning_rate: 0.003 saved, 1.0 requested",
+                 "(train.learning_rate may only be lowered"):  # fmt: skip
+        assert part in str(e.value), str(e.value)
 
 
 def test_a_torn_last_metrics_line_is_dropped_and_a_bad_one_named(tmp_path, caplog):
