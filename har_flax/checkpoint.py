@@ -228,7 +228,10 @@ def load_model(path: str | os.PathLike) -> tuple[Config, dict[str, Any], dict]:
         raise CheckpointError(f"{path} is a file; a model is a directory (config.json, ...)")
     for name in MODEL_FILES:
         if not (path / name).exists():
-            raise CheckpointError(f"{path} is not a model directory: {name} is missing")
+            hint = ""
+            if (path / "model" / CONFIG_FILE).exists():  # har-train's work directory
+                hint = f"; it looks like a training work directory: its model is {path / 'model'}"
+            raise CheckpointError(f"{path} is not a model directory: {name} is missing{hint}")
     damaged = "the model directory is damaged: train, save or port it again"
     try:
         config = Config.from_json((path / CONFIG_FILE).read_text(encoding="utf-8"))

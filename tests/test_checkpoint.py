@@ -103,8 +103,13 @@ def test_load_errors_name_what_is_wrong(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="config.json is unreadable"):
         checkpoint.load_model(path)
     (path / checkpoint.CONFIG_FILE).unlink()
-    with pytest.raises(checkpoint.CheckpointError, match="config.json is missing"):
+    with pytest.raises(checkpoint.CheckpointError, match="config.json is missing$"):
         checkpoint.load_model(path)
+    # A work directory given where its model is meant: the error says where the model is.
+    work = tmp_path / "work"
+    checkpoint.save_model(work / "model", config=tiny(), classes=CLASSES, variables=_variables(0))
+    with pytest.raises(checkpoint.CheckpointError, match="training work directory: its model is"):
+        checkpoint.load_model(work)
     with pytest.raises(checkpoint.CheckpointError, match="is a file; a model is a directory"):
         checkpoint.load_model(labels)
 

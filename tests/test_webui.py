@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import signal
 import socket
@@ -791,15 +792,22 @@ def test_har_webui_rejects_bad_settings():
         capture_output=True, text=True, timeout=60, cwd=support.REPO,
     )  # fmt: skip
     assert result.returncode == 2
-    assert "HAR_MAX_UPLOAD_MB must be > 0" in result.stderr
+    assert "--max-upload-mb must be > 0" in result.stderr  # named as the user gave it
     # An upload limit the model server cannot take (16 MiB unless told otherwise) is refused,
-    # naming what to change.
+    # naming what to change: the flag, or the environment variable, whichever set it.
     result = subprocess.run(
         [sys.executable, "-m", "webui.main", "--max-upload-mb", "40"],
         capture_output=True, text=True, timeout=60, cwd=support.REPO,
     )  # fmt: skip
     assert result.returncode == 2
-    assert "HAR_MAX_UPLOAD_MB=40 does not fit" in result.stderr
+    assert "--max-upload-mb 40 does not fit" in result.stderr
+    assert "lower --max-upload-mb, or raise both" in result.stderr
     assert "at most 16 MiB (HAR_GRPC_MAX_MESSAGE_MB" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "webui.main"],
+        capture_output=True, text=True, timeout=60, cwd=support.REPO,
+        env={**os.environ, "HAR_MAX_UPLOAD_MB": "40"},
+    )  # fmt: skip
+    assert result.returncode == 2 and "HAR_MAX_UPLOAD_MB=40 does not fit" in result.stderr
     app = create_app({"HAR_MAX_UPLOAD_MB": 40, "HAR_GRPC_MAX_MESSAGE_MB": 64})
     assert app.extensions["har_client"]._max_send_bytes == 64 * MiB

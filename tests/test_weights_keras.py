@@ -235,6 +235,13 @@ def test_reader_rejects_files_that_are_not_keras_weights(tmp_path):
         read_keras_h5(tmp_path / "other.h5")
 
 
+def test_keras3_native_weights_file_is_named_as_such(keras_models, tmp_path):
+    native = tmp_path / "mnv2.weights.h5"
+    keras_models[0].save_weights(native)  # Keras 3's default writer, not the legacy layout
+    with pytest.raises(WeightPortError, match="Keras 3's native .weights.h5 format"):
+        read_keras_h5(native)
+
+
 def _cli(*args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "har_flax.cli.port_weights", *map(str, args)],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 import threading
@@ -94,22 +95,28 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     overrides: dict = {}
-    if args.grpc_target:
-        overrides["HAR_GRPC_TARGET"] = args.grpc_target
-    if args.grpc_token:
-        overrides["HAR_GRPC_TOKEN"] = args.grpc_token
+    flags: dict[str, str] = {}  # setting -> the flag that gave it, to name in errors
+    for key, flag, value in (
+        ("HAR_GRPC_TARGET", "--grpc-target", args.grpc_target or None),
+        ("HAR_GRPC_TOKEN", "--grpc-token", args.grpc_token or None),
+        ("HAR_GRPC_CA_CERT", "--grpc-ca-cert", args.grpc_ca_cert or None),
+        ("HAR_MAX_UPLOAD_MB", "--max-upload-mb", args.max_upload_mb),
+        ("HAR_GRPC_MAX_MESSAGE_MB", "--grpc-max-message-mb", args.grpc_max_message_mb),
+    ):
+        if value is not None:
+            overrides[key], flags[key] = value, flag
     if args.grpc_ca_cert:
-        overrides.update(HAR_GRPC_TLS=True, HAR_GRPC_CA_CERT=args.grpc_ca_cert)
-    if args.max_upload_mb is not None:
-        overrides["HAR_MAX_UPLOAD_MB"] = args.max_upload_mb
-    if args.grpc_max_message_mb is not None:
-        overrides["HAR_GRPC_MAX_MESSAGE_MB"] = args.grpc_max_message_mb
+        overrides["HAR_GRPC_TLS"] = True
     if args.no_rate_limit:
         overrides["HAR_RATE_LIMIT_ENABLED"] = False
     try:
         app = create_app(overrides)
     except ValueError as e:
-        print(f"har-webui: {e}", file=sys.stderr)
+        message = str(e)
+        for key, flag in flags.items():  # "HAR_MAX_UPLOAD_MB=20" was "--max-upload-mb 20"
+            message = re.sub(rf"\b{key}=", f"{flag} ", message)
+            message = re.sub(rf"\b{key}\b", flag, message)
+        print(f"har-webui: {message}", file=sys.stderr)
         return 2
     in_flight = InFlight(app.wsgi_app)
     app.wsgi_app = in_flight

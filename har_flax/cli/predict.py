@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Classify images with a har-flax model (the built-in ImageNet classifier "
         "when no --model is given).",
         epilog="Examples: har-predict photo.jpg;  "
-        "har-predict --model runs/best f1.jpg f2.jpg f3.jpg  (one 3-frame sequence);  "
+        "har-predict --model runs/har/model f1.jpg f2.jpg f3.jpg  (one 3-frame sequence);  "
         "har-predict --each --top-k 1 *.jpg",
     )
     parser.add_argument(

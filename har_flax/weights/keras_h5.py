@@ -73,6 +73,12 @@ def read_keras_h5(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     with h5py.File(path, "r") as f:
         root = f["model_weights"] if "model_weights" in f else f
         names = _attribute_list(root, "layer_names")
+        if not names and ("layers" in f or "vars" in f):
+            raise WeightPortError(
+                f"{path} is in Keras 3's native .weights.h5 format, which this port does not "
+                "read; use the official legacy .h5 file, or save the weights with Keras' legacy "
+                "writer (keras.src.legacy.saving.legacy_h5_format.save_weights_to_hdf5_group)"
+            )
         if not names:
             raise WeightPortError(
                 f"{path} is an HDF5 file without Keras 'layer_names': not a Keras weights file"
