@@ -20,10 +20,13 @@ threads = int(os.environ.get("HAR_WEBUI_THREADS", "8"))
 # Longer than the app's own gRPC deadline (HAR_GRPC_TIMEOUT_S, 30 s), so a slow model answers
 # with a JSON 504 from the app rather than a killed worker.
 timeout = int(os.environ.get("HAR_WEBUI_TIMEOUT", "60"))
-graceful_timeout = 20
+# At a stop or reload, a request may still be waiting up to that 30 s deadline: let it end
+# (its JSON 504 included) rather than cut it off with nginx's 502. har-webui.service allows 45 s.
+graceful_timeout = 35
 keepalive = 5
 # Import once in the master, then fork: workers start fast and share memory. Safe because the
-# gRPC channel is created lazily, in each worker, on its first request.
+# gRPC channel is created lazily, in each worker, on its first request. So a reload (HUP) forks
+# new workers from the code already imported: a new version needs a restart.
 preload_app = True
 # X-Forwarded-* from nginx on the same host are trusted (the app also needs
 # HAR_TRUSTED_PROXIES=1 for per-client rate limits).

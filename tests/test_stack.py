@@ -99,11 +99,15 @@ class Nginx:
         self.prefix = prefix
         prefix.mkdir(parents=True, exist_ok=True)
         self.port = support.free_port()
-        locations = prefix / "har-webui-locations.conf"
+        locations, headers = prefix / "har-webui-locations.conf", prefix / "har-webui-headers.conf"
+        headers.write_text(render_site("har-webui-headers.conf", {}))
         locations.write_text(
             render_site(
                 "har-webui-locations.conf",
-                {"/opt/har-flax/webui/static/": f"{support.REPO / 'webui' / 'static'}/"},
+                {
+                    "/opt/har-flax/webui/static/": f"{support.REPO / 'webui' / 'static'}/",
+                    "/etc/nginx/snippets/har-webui-headers.conf": str(headers),
+                },
             )
         )
         include = {"/etc/nginx/snippets/har-webui-locations.conf": str(locations)}
@@ -282,6 +286,7 @@ def test_oversize_uploads_get_the_apps_json_413_from_nginx(nginx, gunicorn):
     status, headers, body = predict(nginx.url, [("big.jpg", b"\xff" * (11 * MiB + 1000), "")])
     assert status == 413 and headers["Content-Type"] == "application/json"
     assert json.loads(body) == too_large
+    assert_app_security_headers(headers)
     assert '"POST /predict HTTP/1.1" 413' not in gunicorn["log"].read_text()
     # Files just over 10 MiB in a body under 11 MiB: the app answers, the same JSON.
     status, headers, body = predict(nginx.url, [("big.jpg", b"\xff" * (10 * MiB + 1), "")])
@@ -309,6 +314,22 @@ def test_the_upload_limits_of_app_and_nginx_agree():
     assert nginx_body == app_body
 
 
+def test_stop_timeouts_outlast_a_request_waiting_on_the_model_server():
+    """gRPC deadline < gunicorn's graceful stop < systemd's stop timeout: a stop or reload lets a
+    waiting request end with the app's answer, not nginx's 502."""
+    from webui import settings
+
+    # Read, not run: running the file would set PROMETHEUS_MULTIPROC_DIR in this process.
+    conf = (DEPLOY / "gunicorn.conf.py").read_text()
+    graceful_s = int(re.search(r"^graceful_timeout = (\d+)$", conf, re.MULTILINE).group(1))
+    worker_s = int(re.search(r'"HAR_WEBUI_TIMEOUT", "(\d+)"', conf).group(1))
+    unit = (DEPLOY / "systemd" / "har-webui.service").read_text()
+    stop_s = int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE).group(1))
+    deadline_s = float(settings.DEFAULTS["HAR_GRPC_TIMEOUT_S"])
+    assert deadline_s < graceful_s < stop_s
+    assert deadline_s < worker_s
+
+
 @needs_nginx
 def test_api_errors_pass_through_nginx_as_the_apps_json(nginx):
     status, headers, body = predict(nginx.url, [("notes.txt", b"hello\n" * 100, "text/plain")])
@@ -329,10 +350,18 @@ def test_page_from_gunicorn_static_files_from_nginx_gzipped(nginx, gunicorn):
     assert status == 200
     assert headers["Content-Encoding"] == "gzip"
     assert gzip.decompress(body) == (support.REPO / "webui/static/app.js").read_bytes()
-    assert headers["X-Content-Type-Options"] == "nosniff"
-    assert "script-src 'self'" in headers["Content-Security-Policy"]
+    assert_app_security_headers(headers)  # nginx's answer, with the app's headers
     assert headers["Cache-Control"] == "max-age=3600"  # nginx's `expires 1h`; the app says no-cache
     assert "/static/app.js" not in gunicorn["log"].read_text()
+    assert "Strict-Transport-Security" not in headers  # plain HTTP
+
+
+def assert_app_security_headers(headers) -> None:
+    """Every header webui/security.py sends, with the app's value (nginx's answers too)."""
+    from webui.security import HEADERS
+
+    for name, value in HEADERS.items():
+        assert headers.get(name) == value, (name, headers.get(name))
 
 
 @needs_nginx
@@ -341,6 +370,7 @@ def test_health_is_public_metrics_are_not(nginx, gunicorn):
     assert status == 200 and json.loads(body)["model_server"] == "SERVING"
     status, headers, body = request(nginx.url + "metrics")
     assert status == 404 and headers["Content-Type"] == "application/json"
+    assert_app_security_headers(headers)
     status, _, body = request(gunicorn["url"] + "metrics")
     assert status == 200 and b"har_webui_http_requests_total" in body
 
@@ -372,6 +402,7 @@ def test_nginx_answers_json_when_the_web_ui_is_down(tmp_path):
         status, headers, body = request(down.url + "health")
         assert status == 502 and headers["Content-Type"] == "application/json"
         assert "not running" in json.loads(body)["error"]
+        assert_app_security_headers(headers)
     finally:
         down.stop()
 
@@ -389,6 +420,18 @@ def test_the_tls_site_serves_https_and_redirects_http(nginx, tls_files, cat_jpeg
         data=body_bytes, headers=form_headers, context=context,
     )  # fmt: skip
     assert status == 200 and json.loads(body)["model"]["kind"] == "imagenet"
+    # HSTS on what nginx answers itself too (a location with headers of its own inherits none).
+    tls = f"https://localhost:{nginx.tls_port}/"
+    too_big, too_big_headers = multipart([("big.jpg", b"x" * (12 * 2**20), "image/jpeg")])
+    for status_wanted, url, kw in (
+        (200, tls + "static/app.js", {}),
+        (404, tls + "metrics", {}),
+        (413, tls + "predict", {"data": too_big, "headers": too_big_headers}),
+    ):
+        status, headers, _ = request(url, context=context, **kw)
+        assert status == status_wanted, url
+        assert headers["Strict-Transport-Security"] == "max-age=63072000", url
+        assert_app_security_headers(headers)
     status, headers, _ = request(f"http://127.0.0.1:{nginx.redirect_port}/some/page")
     assert status == 301 and headers["Location"].startswith("https://")
 
