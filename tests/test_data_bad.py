@@ -138,6 +138,20 @@ def test_row_fault_is_an_error_or_skipped_and_listed(fault, data, tmp_path):
     assert len(images) == len(splits.train)
 
 
+def test_every_kind_of_problem_is_listed_in_one_error(data, tmp_path):
+    """A bad row, an unreadable training image and an unreadable test image: one run, one list."""
+    missing_file(data)
+    corrupt_jpeg(data)
+    (data / "test" / "Image_1.jpg").write_bytes(b"")
+    with pytest.raises(DataError) as e:
+        load_splits(data, tmp_path, image_size=32, data_config=DataConfig())
+    message = str(e.value)
+    assert message.startswith("3 bad rows or images:"), message
+    for part in ("Training_set.csv line 3: train/Image_2.jpg does not exist",
+                 "train/Image_3.jpg is unreadable", "test/Image_1.jpg is unreadable"):  # fmt: skip
+        assert part in message, message
+
+
 def test_prepared_with_skipping_is_still_an_error_without_it(data, tmp_path):
     corrupt_jpeg(data)
     load_splits(data, tmp_path / "a", image_size=32, data_config=SKIP,

@@ -198,8 +198,10 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         layout = kaggle.read_layout(dl_manager.manual_dir)
-        if not self._skip_bad_images:
-            kaggle.raise_issues(layout.issues)
+        # Without skipping, bad rows and unreadable images of both splits are gathered and
+        # raised together once the last split is decoded: one run lists every problem, rather
+        # than one kind per run (each run decoding every image again to find the next kind).
+        self._problems = [] if self._skip_bad_images else list(layout.issues)
         meta = self.info.metadata
         meta.update(
             classes=list(layout.classes),
@@ -208,14 +210,15 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
             skipped=[i.to_dict() for i in layout.issues],
             stored={},
         )
-        splits = {"train": self._generate_examples(layout, "train", layout.train)}
         # tfds cannot store an empty split; a data set without test images simply has none.
+        last = "test" if layout.test else "train"
+        splits = {"train": self._generate_examples(layout, "train", layout.train, last == "train")}
         if layout.test:
-            splits["test"] = self._generate_examples(layout, "test", layout.test)
+            splits["test"] = self._generate_examples(layout, "test", layout.test, True)
         return splits
 
     def _generate_examples(
-        self, layout: kaggle.Layout, split: str, entries: Sequence[kaggle.Entry]
+        self, layout: kaggle.Layout, split: str, entries: Sequence[kaggle.Entry], last: bool
     ) -> Iterator[tuple[int, dict]]:
         size = self.image_size
         index = {c: i for i, c in enumerate(layout.classes)}
@@ -247,9 +250,11 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
                     stored.append([e.filename, e.label] if split == "train" else [e.filename])
                     label = index[e.label] if split == "train" else -1
                     yield e.line, {"image": array, "label": label, "filename": e.filename}
-        if bad and not self._skip_bad_images:
-            # Every unreadable image at once, not one per attempt.
-            kaggle.raise_issues(bad, what=f"unreadable {split} images")
+        if not self._skip_bad_images:
+            self._problems += bad
+            # tfds (generating the splits in order) gets nothing more of a data set that fails.
+            if self._problems and (last or not stored):
+                kaggle.raise_issues(self._problems, what="bad rows or images")
         meta = self.info.metadata
         meta["skipped"] = meta["skipped"] + [i.to_dict() for i in bad]
         meta["stored"] = {**meta["stored"], split: stored}

@@ -40,9 +40,8 @@ _MAX_LISTED = 20
 def skip_hint(how: str = "set data.skip_bad_images=true") -> str:
     """What to do about bad data, ``how`` saying how the command at hand skips it."""
     return (
-        f"fix the data, or {how} to skip these images and list them. This check stops at the "
-        "first kind of problem it meets (CSV rows, then train images, then test images); "
-        "har-explore --data-dir DATA --out REPORT lists every problem at once"
+        f"fix the data, or {how} to skip these images and list them "
+        "(har-explore --data-dir DATA --out REPORT reports on the data set as a whole)"
     )
 
 
