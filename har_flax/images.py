@@ -339,6 +339,26 @@ def iter_frames(
             yield np.ascontiguousarray(rgb)
 
 
+# A data set's own files (training, exploring) are the user's, not strangers' uploads: limits
+# far above the server's, just under Pillow's own refusal at about 179 M pixels per frame.
+FILE_LIMITS = ImageLimits(
+    max_bytes=1 << 30, max_pixels=178_000_000, max_frames=1 << 20, max_total_pixels=1 << 50
+)
+
+
+def first_frame_of_file(data: bytes, field: str) -> np.ndarray:
+    """The first frame of an image file of a data set, decoded under :data:`FILE_LIMITS`.
+
+    An animated file in a still-image data set stands for its first frame.
+
+    Raises:
+      ImageError: not a decodable image (``field`` names the file).
+    """
+    if not data:
+        raise InvalidImageError("the file is empty (0 bytes)", field=field)
+    return next(iter_frames(data, limits=FILE_LIMITS, field=field))
+
+
 def decode_frames(
     data: bytes, *, limits: ImageLimits = ImageLimits(), field: str = "images[0]"
 ) -> list[np.ndarray]:

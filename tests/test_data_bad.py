@@ -152,6 +152,63 @@ def test_every_kind_of_problem_is_listed_in_one_error(data, tmp_path):
         assert part in message, message
 
 
+def test_spreadsheet_csv_dialects_read_as_meant(data, tmp_path):
+    """A blank line before the header, the header in capitals, `"x", "y"` quoting."""
+    rows = _read(data / "Training_set.csv")
+    text = "\nFilename,Label\n" + "".join(f'"{f}", "{label}"\n' for f, label in rows[1:])
+    (data / "Training_set.csv").write_text(text)
+    (data / "Testing_set.csv").write_text("")  # empty: no test split, as if absent
+    (data / "train/Image_3.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"line 5: train/Image_3.jpg is unreadable: the file is "
+                       r"empty \(0 bytes\)"):  # line numbers are the file's  # fmt: skip
+        load_splits(data, tmp_path / "a", image_size=32, data_config=DataConfig())
+    splits = load_splits(data, tmp_path / "b", image_size=32, data_config=SKIP)
+    assert set(splits.classes) == {"calling", "clapping", "cycling"}  # no quotes in the names
+    assert len(splits.test) == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("filename,label\nImage_1.jpg,calling\nImage_2.jpg,caf\xe9\n".encode("latin-1"),
+         r"line 3 is not UTF-8 \(byte 0xe9; Latin-1 .*save it as UTF-8 \(in Excel: CSV UTF-8\)"),
+        ("filename,label\n".encode("utf-16"), r"is UTF-16 text; save it as UTF-8"),
+    ],
+    ids=["latin1", "utf16"],
+)  # fmt: skip
+def test_a_csv_in_another_encoding_names_the_line_and_the_remedy(data, tmp_path, content, message):
+    (data / "Training_set.csv").write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_splits(data, tmp_path, image_size=32, data_config=DataConfig())
+
+
+def test_a_missing_file_names_what_is_there_instead(data, tmp_path):
+    (data / "train/Image_1.jpg").rename(data / "train/Image_1.JPG")
+    (data / "train/Image_2.jpg").unlink()
+    (data / "train/Image_2.jpg").mkdir()
+    (data / "train/nested").mkdir()
+    (data / "train/Image_4.jpg").rename(data / "train/nested/Image_4.jpg")
+    _edit_train(data, lambda rows: [*rows, ["Cafe\u0301_1.jpg", rows[1][1]]])  # NFD in the CSV
+    shutil.copy(data / "train/Image_5.jpg", data / "train/Caf\u00e9_1.jpg")  # NFC on disk
+    with pytest.raises(DataError) as e:
+        load_splits(data, tmp_path, image_size=32, data_config=DataConfig())
+    message = str(e.value)
+    for part in (
+        "train/Image_1.jpg does not exist, but train/Image_1.JPG does",
+        "train/Image_2.jpg is a directory, not an image file",
+        "train/Image_4.jpg does not exist, but train/nested/Image_4.jpg does",
+        "train/Cafe\u0301_1.jpg does not exist, but train/Caf\u00e9_1.jpg does",
+    ):
+        assert part in message, message
+
+
+def test_large_local_images_are_training_data_not_uploads(data, tmp_path):
+    """48 megapixels is over the server's 40 M per frame, not over what training reads."""
+    Image.new("RGB", (8000, 6000), (200, 30, 30)).save(data / "train/Image_1.jpg", quality=50)
+    splits = load_splits(data, tmp_path, image_size=32, data_config=DataConfig())
+    assert "Image_1.jpg" in set(splits.train.filenames) | set(splits.val.filenames)
+
+
 def test_prepared_with_skipping_is_still_an_error_without_it(data, tmp_path):
     corrupt_jpeg(data)
     load_splits(data, tmp_path / "a", image_size=32, data_config=SKIP,

@@ -113,6 +113,17 @@ def test_clean_set_is_ok(tmp_path):
     assert report["images"]["test"]["readable"] == 2
 
 
+def test_a_single_class_is_what_stops_training(tmp_path):
+    root = write_synthetic_kaggle(tmp_path, classes=("calling", "clapping"), train_per_class=2,
+                                  test_count=1, min_size=32, max_size=40)  # fmt: skip
+    csv_path = root / "Training_set.csv"
+    csv_path.write_text(csv_path.read_text().replace(",clapping", ",calling"))
+    report = explore(root)
+    assert not report["ok"]
+    [error] = report["structural_errors"]
+    assert error["kind"] == "too_few_classes" and "found ['calling']" in error["message"]
+
+
 def test_script_subprocess(messy, tmp_path):
     out = tmp_path / "report"
     run = subprocess.run(

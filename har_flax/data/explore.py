@@ -45,8 +45,8 @@ def _probe(path: Path) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 (the decode below gives the message a person reads)
         pass
     try:
-        # The same decoder as training and serving: unreadable here = unreadable there.
-        next(images.iter_frames(data, field=f"{path.parent.name}/{path.name}"))
+        # The same decoding as training: unreadable here = unreadable there.
+        images.first_frame_of_file(data, field=f"{path.parent.name}/{path.name}")
     except images.ImageError as e:
         info["error"] = e.reason
     return info
@@ -203,6 +203,16 @@ def explore(data_dir: str | Path, *, workers: int | None = None) -> dict[str, An
             "unreadable": unreadable,
             "unlisted_files": [n for n in on_disk if n not in listed],
         }
+
+    # What har-train stops on besides faulty rows: fewer than two classes left to tell apart.
+    bad_lines = {i.line for i in anomalies if i.split == "train"}
+    usable = {e.label for e in entries["train"] if e.line not in bad_lines}
+    if train_table is not None and train_table.num_rows and len(usable) < 2:
+        structural.append(
+            {"kind": "too_few_classes", "file": kaggle.TRAIN_CSV,
+             "message": f"{kaggle.TRAIN_CSV}: training needs at least two classes with usable "
+                        f"images, found {sorted(usable)}"}
+        )  # fmt: skip
 
     widths = [w for w, _ in sizes]
     heights = [h for _, h in sizes]

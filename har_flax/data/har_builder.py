@@ -104,8 +104,7 @@ def decode_image(path: Path, size: int) -> np.ndarray:
       har_flax.images.ImageError: not a decodable image.
     """
     data = path.read_bytes()
-    # Only the first frame: an animated file in a still-image data set stands for its cover.
-    frame = next(images.iter_frames(data, field=f"{path.parent.name}/{path.name}"))
+    frame = images.first_frame_of_file(data, field=f"{path.parent.name}/{path.name}")
     return images.resize_frame(frame, size)
 
 

@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import logging
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -184,14 +185,31 @@ def read_table(path: Path, columns: Sequence[str], *, split: str) -> CsvTable:
             + _found_below_hint(path)
         )
     try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path} cannot be read: {e.strerror or e}") from e
+    save_as = "save it as UTF-8 (in Excel: CSV UTF-8)"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path} is UTF-16 text; {save_as}")
+    try:
         # utf-8-sig: spreadsheet exports often start with a byte-order mark.
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} cannot be read as UTF-8 CSV: {e}") from e
-    rows = list(csv.reader(text.splitlines()))
-    if not rows or not any(cell.strip() for cell in rows[0]):
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} line {line} is not UTF-8 (byte {data[e.start]:#04x}; Latin-1 or another "
+            f"legacy encoding?); {save_as}"
+        ) from None
+    # skipinitialspace: `"Image_1.jpg", "calling"` is two quoted fields, as spreadsheets and
+    # pandas read it, not a label with quote characters in it.
+    rows = list(csv.reader(text.splitlines(), skipinitialspace=True))
+    # Blank lines before the header (as after the data) hold nothing: the header is the first
+    # line with text, and line numbers stay the file's.
+    first = next((i for i, row in enumerate(rows) if any(cell.strip() for cell in row)), None)
+    if first is None:
         raise DataError(f"{path} is empty; it needs a header line: {','.join(columns)}")
-    header = tuple(cell.strip() for cell in rows[0])
+    # Header names in any case ("Filename,Label" from a spreadsheet).
+    header = tuple(cell.strip().lower() for cell in rows[first])
     missing = [c for c in columns if c not in header]
     if missing:
         raise DataError(
@@ -207,7 +225,7 @@ def read_table(path: Path, columns: Sequence[str], *, split: str) -> CsvTable:
     entries: list[Entry] = []
     issues: list[Issue] = []
     num_rows = 0
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in enumerate(rows[first + 1 :], start=first + 2):
         if not any(cell.strip() for cell in row):
             continue  # Blank lines (a trailing newline, an empty spreadsheet row) hold no data.
         num_rows += 1
@@ -351,10 +369,12 @@ def read_layout(
         raise DataError(f"{train_table.path} has a header but no rows")
     test_path = root / TEST_CSV
     test_table = None
-    if test_path.exists():
+    if test_path.is_file() and test_path.read_bytes().strip():
         test_table = read_table(test_path, TEST_COLUMNS, split="test")
     else:
-        log.warning("%s not found: the test split will be empty", test_path)
+        # An empty Testing_set.csv says as much as an absent one: there is no test split.
+        why = "is empty" if test_path.is_file() else "not found"
+        log.warning("%s %s: the test split will be empty", test_path, why)
 
     issues = list(train_table.issues)
     bad_labels = label_issues(train_table.entries, TRAIN_CSV, expected_classes)
@@ -379,13 +399,44 @@ def read_layout(
 
 
 def missing_files(root: Path, split: str, entries: Sequence[Entry]) -> list[Issue]:
-    """``missing_file`` issues for the rows of ``split`` whose image is not a file under root."""
+    """``missing_file`` issues for the rows of ``split`` whose image is not a file under root.
+
+    Each names what is there instead when that explains it: a directory of that name, the name
+    in another case or Unicode normalisation (``Image_1.JPG``; macOS zips store decomposed
+    accents), or the file one folder down (``train/train/``).
+    """
     folder, csv_name = (TRAIN_DIR, TRAIN_CSV) if split == "train" else (TEST_DIR, TEST_CSV)
+    missing = [e for e in entries if not (root / folder / e.filename).is_file()]
+    if not missing:
+        return []
+    base = root / folder
+    on_disk: dict[str, str] = {}  # comparable form -> the name on disk
+    if base.is_dir():
+        for p in base.iterdir():
+            on_disk.setdefault(unicodedata.normalize("NFC", p.name).casefold(), p.name)
+    below = {}
+    if base.is_dir():
+        for sub in base.iterdir():
+            if sub.is_dir():
+                below.update({f.name: sub.name for f in sub.iterdir() if f.is_file()})
+
+    def why(filename: str) -> str:
+        if (base / filename).is_dir():
+            return "is a directory, not an image file"
+        other = on_disk.get(unicodedata.normalize("NFC", filename).casefold())
+        if other is not None and other != filename:
+            return f"does not exist, but {folder}/{other} does (rename one to match the other)"
+        if filename in below:
+            return (
+                f"does not exist, but {folder}/{below[filename]}/{filename} does (move the "
+                f"images up into {folder}/)"
+            )
+        return "does not exist"
+
     return [
         Issue("missing_file", split, e.filename, e.line,
-              f"{csv_name} line {e.line}: {folder}/{e.filename} does not exist")
-        for e in entries
-        if not (root / folder / e.filename).is_file()
+              f"{csv_name} line {e.line}: {folder}/{e.filename} {why(e.filename)}")
+        for e in missing
     ]  # fmt: skip
 
 
