@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +213,15 @@ def test_arrays_are_rebuilt_when_truncated_or_the_shards_change(data_dir, tmp_pa
     load_splits(data_dir, tmp_path, image_size=32, data_config=DataConfig())
     files = _arrays(folder)
     assert len(files) == 1 and files[0] != train_file.name
+
+    # What a killed build leaves (a hidden .tmp as large as the array) goes at the next read;
+    # a fresh one may be another process's build in progress.
+    killed, running = (folder / f".{files[0]}.{tag}.tmp" for tag in ("d574b84d", "0a1b2c3d"))
+    for tmp in (killed, running):
+        tmp.write_bytes(b"\0" * 1000)
+    os.utime(killed, (time.time() - 3600, time.time() - 3600))
+    load_splits(data_dir, tmp_path, image_size=32, data_config=DataConfig())
+    assert not killed.exists() and running.exists()
 
 
 def test_a_record_that_is_not_the_listed_image_is_an_error_leaving_no_file(data_dir, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 
 import pytest
 
@@ -84,3 +85,26 @@ def test_load_splits_reuses_the_workdir_split(tmp_path):
     other = load_splits(data, tmp_path / "other", image_size=32,
                         data_config=DataConfig(val_fraction=0.5, split_seed=4))  # fmt: skip
     assert other.val.filenames != first.val.filenames
+
+
+def test_a_resumed_run_refuses_changed_labels_and_warns_of_changed_images(tmp_path, caplog):
+    data = write_synthetic_kaggle(tmp_path / "data", train_per_class=6, test_count=0, seed=4)
+    config = DataConfig(val_fraction=0.5, split_seed=3)
+    load_splits(data, tmp_path / "run", image_size=32, data_config=config)
+    # An image re-saved (other bytes): the run goes on with it, and says so.
+    image = data / "train" / "Image_5.jpg"
+    image.write_bytes((data / "train" / "Image_10.jpg").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="har_flax.data.split"):
+        load_splits(data, tmp_path / "run", image_size=32, data_config=config)
+    assert "the image files changed since this run started" in caplog.text
+    # A relabelled image: the run would be neither the old nor a new one.
+    csv_path = data / "Training_set.csv"
+    rows = csv_path.read_text().splitlines()
+    name, label = rows[1].split(",")
+    other = next(r.split(",")[1] for r in rows[2:] if r.split(",")[1] != label)
+    csv_path.write_text("\n".join([rows[0], f"{name},{other}", *rows[2:]]) + "\n")
+    with pytest.raises(DataError, match=rf"1 images have another label than when this run "
+                       rf"started \(e.g. {name} \({label} -> {other}\)\)"):  # fmt: skip
+        load_splits(data, tmp_path / "run", image_size=32, data_config=config)
+    # Evaluation may follow corrected labels.
+    load_splits(data, tmp_path / "run", image_size=32, data_config=config, evaluating=True)

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -386,6 +387,7 @@ def images_array(builder: HarKaggle, split: str, *, progress: bool = True) -> np
         repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in shards]).encode()
     ).hexdigest()[:12]
     path = folder / f"{NAME}-{split}.images-{key}.npy"
+    _remove_stale_temporaries(folder, split)
     try:
         array = np.load(path, mmap_mode="r")
         if array.shape == shape and array.dtype == np.uint8:
@@ -401,6 +403,22 @@ def images_array(builder: HarKaggle, split: str, *, progress: bool = True) -> np
         if old != path:
             old.unlink(missing_ok=True)
     return np.load(path, mmap_mode="r")
+
+
+# A build in progress writes its temporary file all along; one untouched this long was killed.
+_STALE_TMP_SECONDS = 600
+
+
+def _remove_stale_temporaries(folder: Path, split: str) -> None:
+    """Deletes what killed array builds left (up to the size of the whole array each)."""
+    now = time.time()
+    for tmp in folder.glob(f".{NAME}-{split}.images-*.npy.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > _STALE_TMP_SECONDS:
+                tmp.unlink()
+                log.info("removed %s, left by a build that did not finish", tmp.name)
+        except OSError:
+            pass  # gone meanwhile, or another process's to remove
 
 
 def _write_images_array(

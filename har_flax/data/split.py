@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import re
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 
 from har_flax.checkpoint import atomic_write_text
 from har_flax.data.kaggle import DataError
+
+log = logging.getLogger(__name__)
 
 SPLIT_FILE = "split.json"
 _FORMAT = 1
@@ -81,6 +84,7 @@ def load_or_create_split(
     seed: int,
     evaluating: bool = False,
     skipped: Collection[str] = (),
+    data_version: str | None = None,
 ) -> tuple[list[str], list[str]]:
     """Reads ``workdir/split.json``, checking it against the data, or makes and writes it.
 
@@ -95,13 +99,16 @@ def load_or_create_split(
         advice on a mismatch is to evaluate on the data the model was trained with: a new split
         would put training images in validation.
       skipped: labelled images skipped as bad this time (only used when ``evaluating``).
+      data_version: a fingerprint of the image files (names, sizes, modification times), kept
+        with the split: a resumed run is warned when its images changed since.
 
     Returns:
       (train, val) filename lists.
 
     Raises:
       DataError: split.json was made with another seed or fraction, or names images that are
-        not in the data (or misses some that are), or is unreadable.
+        not in the data (or misses some that are), or (unless ``evaluating``) the label of one
+        of its images changed, or it is unreadable.
     """
     path = Path(workdir) / SPLIT_FILE
     classes = sorted(set(labels))
@@ -114,6 +121,9 @@ def load_or_create_split(
             "classes": classes,
             "train": train,
             "val": val,
+            # What a resumed run checks its data against: a run trains on one data set.
+            "labels": dict(zip(filenames, labels, strict=True)),
+            "data_version": data_version,
         }
         atomic_write_text(path, json.dumps(record, indent=1) + "\n")
         return train, val
@@ -164,4 +174,27 @@ def load_or_create_split(
         raise DataError(
             f"{path} was made for classes {record['classes']} but the data has {classes}; {hint}"
         )
+    if not evaluating:
+        # (A re-evaluation may well follow corrected labels; a resumed run must not.)
+        saved_labels = record.get("labels") or {}
+        label_now = dict(zip(filenames, labels, strict=True))
+        relabelled = sorted(
+            (f for f, label in label_now.items() if saved_labels.get(f, label) != label),
+            key=natural_key,
+        )
+        if relabelled:
+            shown = ", ".join(f"{f} ({saved_labels[f]} -> {label_now[f]})" for f in relabelled[:5])
+            raise DataError(
+                f"{len(relabelled)} images have another label than when this run started "
+                f"(e.g. {shown}): a resumed run would end neither where the old nor where a "
+                f"new run would; {hint}"
+            )
+        saved_version = record.get("data_version")
+        if saved_version and data_version and saved_version != data_version:
+            log.warning(
+                "the image files changed since this run started (%s then, %s now: a file's "
+                "size or modification time); the resumed run trains on them as they are now",
+                saved_version,
+                data_version,
+            )
     return train, val
