@@ -9,6 +9,7 @@ from the keyboard. Screenshots go to the test's output folder.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import time
 import urllib.request
@@ -108,6 +109,26 @@ class Watched:
         foreign = [u for u in self.requests if not u.startswith((self.url, "blob:", "data:"))]
         assert foreign == [], f"requests to other origins: {foreign}"
         assert self.errors == [], f"console errors: {self.errors}"
+
+
+@contextlib.contextmanager
+def page_with_the_model_server_down(browser):
+    """A page of a web UI whose model server address has nothing behind it yet.
+
+    Yields (watched page, the TcpForwarder at that address, the web UI's URL); the test calls
+    ``front.forward(target)`` to bring a model server "back".
+    """
+    front = support.TcpForwarder()  # nothing listens there yet
+    app = create_app({"HAR_GRPC_TARGET": front.target, "HAR_RATE_LIMIT_ENABLED": False})
+    server = support.WsgiServer(app)
+    w = Watched(browser, server.url)
+    try:
+        yield w, front, server.url
+    finally:
+        w.close()
+        server.stop()
+        front.close()
+        app.extensions["har_client"].close()
 
 
 @pytest.fixture
@@ -341,11 +362,7 @@ def test_a_page_opened_while_the_model_server_was_down_catches_up(browser, defau
     # The page loads while nothing answers at the model server's address; the server then
     # comes back (the built-in ImageNet model). The first result must come with the "not an
     # action model" notice and a header that describes the model, not "not reachable".
-    front = support.TcpForwarder()  # nothing listens there yet
-    app = create_app({"HAR_GRPC_TARGET": front.target, "HAR_RATE_LIMIT_ENABLED": False})
-    server = support.WsgiServer(app)
-    w = Watched(browser, server.url)
-    try:
+    with page_with_the_model_server_down(browser) as (w, front, url):
         page = w.page
         page.wait_for_selector("#model-info.warning")
         header = page.text_content("#model-info")
@@ -356,7 +373,7 @@ def test_a_page_opened_while_the_model_server_was_down_catches_up(browser, defau
         assert page.is_hidden("#imagenet-notice")
 
         front.forward(default_grpc.target)
-        support.wait_http(server.url + "health", timeout_s=15)
+        support.wait_http(url + "health", timeout_s=15)
         page.set_input_files(
             "#file-input",
             files=[{"name": "cat.jpg", "mimeType": "image/jpeg", "buffer": cat_jpeg}],
@@ -371,11 +388,6 @@ def test_a_page_opened_while_the_model_server_was_down_catches_up(browser, defau
         # Chromium logs the 503s of /classes while the server was down as failed resources.
         w.errors[:] = [e for e in w.errors if "503" not in e]
         w.assert_offline_and_clean()
-    finally:
-        w.close()
-        server.stop()
-        front.close()
-        app.extensions["har_client"].close()
 
 
 def test_results_survive_a_round_trip_through_json(site, cat_jpeg):
@@ -459,11 +471,7 @@ def test_a_slow_answer_can_be_cancelled_or_replaced_by_new_photos(watched, photo
 def test_try_again_resends_the_same_photo_once_the_model_server_is_back(
     browser, default_grpc, cat_jpeg
 ):
-    front = support.TcpForwarder()  # nothing listens there yet
-    app = create_app({"HAR_GRPC_TARGET": front.target, "HAR_RATE_LIMIT_ENABLED": False})
-    server = support.WsgiServer(app)
-    w = Watched(browser, server.url)
-    try:
+    with page_with_the_model_server_down(browser) as (w, front, url):
         page = w.page
         page.set_input_files(
             "#file-input", files=[{"name": "cat.jpg", "mimeType": "image/jpeg", "buffer": cat_jpeg}]
@@ -476,7 +484,7 @@ def test_try_again_resends_the_same_photo_once_the_model_server_is_back(
         assert page.is_visible("#error-try-another")
 
         front.forward(default_grpc.target)
-        support.wait_http(server.url + "health", timeout_s=15)
+        support.wait_http(url + "health", timeout_s=15)
         page.get_by_role("button", name="Try again").click()
         page.wait_for_selector("#result-view:not([hidden])")
         assert any(name in page.text_content("#top-action") for name in CAT_CLASSES)
@@ -493,11 +501,6 @@ def test_try_again_resends_the_same_photo_once_the_model_server_is_back(
         assert page.evaluate("document.activeElement.id") == "error-try-another"
         w.errors[:] = [e for e in w.errors if "503" not in e and "400" not in e]
         w.assert_offline_and_clean()
-    finally:
-        w.close()
-        server.stop()
-        front.close()
-        app.extensions["har_client"].close()
 
 
 def test_long_names_and_many_photos_fit_a_small_screen(browser, site, photos, output_dir):
