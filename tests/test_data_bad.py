@@ -118,8 +118,11 @@ ROW_FAULTS = [
 @pytest.mark.parametrize("fault", ROW_FAULTS, ids=lambda f: f.__name__)
 def test_row_fault_is_an_error_or_skipped_and_listed(fault, data, tmp_path):
     filename, message = fault(data)
+    # The test split's faults stop evaluation only: training never reads that split.
+    evaluating = fault is not_an_image
     with pytest.raises(DataError, match=message) as e:
-        load_splits(data, tmp_path / "strict", image_size=32, data_config=DataConfig())
+        load_splits(data, tmp_path / "strict", image_size=32, data_config=DataConfig(),
+                    evaluating=evaluating)  # fmt: skip
     assert "skip_bad_images" in str(e.value)  # says how to go on
 
     splits = load_splits(data, tmp_path / "lenient", image_size=32, data_config=SKIP)
@@ -144,12 +147,28 @@ def test_every_kind_of_problem_is_listed_in_one_error(data, tmp_path):
     corrupt_jpeg(data)
     (data / "test" / "Image_1.jpg").write_bytes(b"")
     with pytest.raises(DataError) as e:
-        load_splits(data, tmp_path, image_size=32, data_config=DataConfig())
+        load_splits(data, tmp_path, image_size=32, data_config=DataConfig(), evaluating=True)
     message = str(e.value)
     assert message.startswith("3 bad rows or images:"), message
     for part in ("Training_set.csv line 3: train/Image_2.jpg does not exist",
                  "train/Image_3.jpg is unreadable", "test/Image_1.jpg is unreadable"):  # fmt: skip
         assert part in message, message
+    # Training: the same two training problems; the test image is listed, not fatal.
+    with pytest.raises(DataError, match=r"^2 bad rows or images:") as e:
+        load_splits(data, tmp_path / "t", image_size=32, data_config=DataConfig())
+    assert "test/Image_1.jpg" not in str(e.value)
+
+
+def test_test_split_problems_do_not_stop_training(data, tmp_path):
+    (data / "test" / "Image_1.jpg").write_bytes(b"")
+    splits = load_splits(data, tmp_path, image_size=32, data_config=DataConfig())
+    assert splits.skipped == []  # nothing was skipped by data.skip_bad_images
+    [(name, reason)] = splits.test_skipped
+    assert name == "Image_1.jpg" and "test/Image_1.jpg is unreadable" in reason
+    assert len(splits.train) + len(splits.val) == 12 and len(splits.test) == 2
+    # The same prepared copy, for evaluation: an error naming the image.
+    with pytest.raises(DataError, match="test/Image_1.jpg is unreadable"):
+        load_splits(data, tmp_path, image_size=32, data_config=DataConfig(), evaluating=True)
 
 
 def test_spreadsheet_csv_dialects_read_as_meant(data, tmp_path):

@@ -265,7 +265,8 @@ def test_bad_test_images_are_skipped_listed_and_missing_rows_flagged(run, tmp_pa
 
     # har-train's hint (the library's) names its setting ...
     with pytest.raises(DataError, match="set data.skip_bad_images=true"):
-        load_splits(data, work, image_size=32, data_config=run.config.data, progress=False)
+        load_splits(data, work, image_size=32, data_config=run.config.data, progress=False,
+                    evaluating=True)  # fmt: skip
     # ... har-evaluate's names its flag, which has no --set.
     assert cli_evaluate.main(argv) == 1
     err = capsys.readouterr().err

@@ -120,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                 "har_flax:load_splits",
             )
             print_skipped("har-train", splits.skipped, "data.skip_bad_images")
+            print_skipped(
+                "har-train",
+                splits.test_skipped,
+                "Testing_set.csv / test/, which training does not read",
+                "; har-evaluate refuses them until they are fixed or it is given --skip-bad-images",
+            )
             result = train.fit(
                 config,
                 args.workdir,

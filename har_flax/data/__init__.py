@@ -101,6 +101,8 @@ class Splits:
       skipped: (filename, reason) of every row or image left out (only with
         ``skip_bad_images``; otherwise bad data raises).
       dataset_dir: where the prepared arrays are.
+      test_skipped: (filename, reason) of bad test-split rows and images left out without
+        ``skip_bad_images`` because training never reads that split (evaluation refuses them).
     """
 
     classes: tuple[str, ...]
@@ -109,6 +111,7 @@ class Splits:
     test: ArraySource
     skipped: list[tuple[str, str]]
     dataset_dir: Path
+    test_skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
 def load_splits(
@@ -148,11 +151,21 @@ def load_splits(
     tfds_dir = Path(download_dir) if download_dir is not None else workdir / "tfds"
     skip = data_config.skip_bad_images
     builder = har_builder.prepare(
-        data_dir, image_size=image_size, tfds_dir=tfds_dir, skip_bad_images=skip, progress=progress
+        data_dir,
+        image_size=image_size,
+        tfds_dir=tfds_dir,
+        skip_bad_images=skip,
+        # Training never reads the test split: its problems are listed, not fatal.
+        skip_bad_test_images=not evaluating,
+        progress=progress,
     )
     meta = builder.info.metadata
     skipped = [Issue(**d) for d in meta["skipped"]]
-    if skipped and not skip:
+    test_skipped = []
+    if not skip:
+        if not evaluating:
+            test_skipped = [i for i in skipped if i.split == "test"]
+            skipped = [i for i in skipped if i.split != "test"]
         # Prepared earlier with skipping on; without it the same data is an error.
         raise_issues(skipped)
 
@@ -211,4 +224,5 @@ def load_splits(
         test=test,
         skipped=[(i.filename or f"line {i.line}", i.message) for i in skipped],
         dataset_dir=Path(builder.data_dir),
+        test_skipped=[(i.filename or f"line {i.line}", i.message) for i in test_skipped],
     )

@@ -137,6 +137,7 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
         self,
         *,
         skip_bad_images: bool = False,
+        skip_bad_test_images: bool = False,
         workers: int | None = None,
         progress: bool = True,
         **kwargs,
@@ -146,11 +147,13 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
         Args:
           skip_bad_images: skip (and list in ``info.metadata["skipped"]``) bad rows and images
             instead of failing on them.
+          skip_bad_test_images: the same for the test split only (training never reads it).
           workers: decoding threads (default: one per CPU).
           progress: show the decoding progress bar.
           **kwargs: ``data_dir``, ``config``, ... as for any tfds builder.
         """
         self._skip_bad_images = skip_bad_images
+        self._skip_bad_test_images = skip_bad_images or skip_bad_test_images
         self._workers = workers or os.cpu_count() or 1
         self._progress = progress
         super().__init__(**kwargs)
@@ -201,7 +204,7 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
         # Without skipping, bad rows and unreadable images of both splits are gathered and
         # raised together once the last split is decoded: one run lists every problem, rather
         # than one kind per run (each run decoding every image again to find the next kind).
-        self._problems = [] if self._skip_bad_images else list(layout.issues)
+        self._problems = [i for i in layout.issues if not self._skips(i.split)]
         meta = self.info.metadata
         meta.update(
             classes=list(layout.classes),
@@ -216,6 +219,10 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
         if layout.test:
             splits["test"] = self._generate_examples(layout, "test", layout.test, True)
         return splits
+
+    def _skips(self, split: str) -> bool:
+        """Whether bad rows and images of ``split`` are skipped (else they fail the build)."""
+        return self._skip_bad_test_images if split == "test" else self._skip_bad_images
 
     def _generate_examples(
         self, layout: kaggle.Layout, split: str, entries: Sequence[kaggle.Entry], last: bool
@@ -250,11 +257,11 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
                     stored.append([e.filename, e.label] if split == "train" else [e.filename])
                     label = index[e.label] if split == "train" else -1
                     yield e.line, {"image": array, "label": label, "filename": e.filename}
-        if not self._skip_bad_images:
+        if not self._skips(split):
             self._problems += bad
-            # tfds (generating the splits in order) gets nothing more of a data set that fails.
-            if self._problems and (last or not stored):
-                kaggle.raise_issues(self._problems, what="bad rows or images")
+        # tfds (generating the splits in order) gets nothing more of a data set that fails.
+        if self._problems and (last or not stored):
+            kaggle.raise_issues(self._problems, what="bad rows or images")
         meta = self.info.metadata
         meta["skipped"] = meta["skipped"] + [i.to_dict() for i in bad]
         meta["stored"] = {**meta["stored"], split: stored}
@@ -267,6 +274,7 @@ def builder_for(
     image_size: int,
     tfds_dir: str | Path,
     skip_bad_images: bool = False,
+    skip_bad_test_images: bool = False,
     workers: int | None = None,
     progress: bool = True,
 ) -> HarKaggle:
@@ -281,6 +289,7 @@ def builder_for(
             data_dir=os.fspath(tfds_dir),
             config=config,
             skip_bad_images=skip_bad_images,
+            skip_bad_test_images=skip_bad_test_images,
             workers=workers,
             progress=progress,
         )
@@ -292,6 +301,7 @@ def prepare(
     image_size: int,
     tfds_dir: str | Path,
     skip_bad_images: bool = False,
+    skip_bad_test_images: bool = False,
     workers: int | None = None,
     progress: bool = True,
 ) -> HarKaggle:
@@ -302,6 +312,7 @@ def prepare(
       image_size: S.
       tfds_dir: where prepared copies are kept (a tfds ``data_dir``).
       skip_bad_images: skip and list bad rows/images instead of raising.
+      skip_bad_test_images: the same for the test split only.
       workers: decoding threads.
       progress: show the decoding progress bars while building.
 
@@ -321,6 +332,7 @@ def prepare(
             image_size=image_size,
             tfds_dir=tfds_dir,
             skip_bad_images=skip_bad_images,
+            skip_bad_test_images=skip_bad_test_images,
             workers=workers,
             progress=progress,
         )
