@@ -97,7 +97,18 @@ class InvalidImageError(ImageError):
 
 
 class ImageTooLargeError(ImageError):
-    """Over a limit: too many bytes, pixels or frames."""
+    """Over a limit: too many bytes, pixels or frames.
+
+    Attributes:
+      limit: the :class:`ImageLimits` field exceeded (``"max_pixels"``, ...), or None for
+        Pillow's own decompression-bomb refusal, which no limit raises.
+    """
+
+    def __init__(
+        self, reason: str, *, field: str, frame: int | None = None, limit: str | None = None
+    ):
+        super().__init__(reason, field=field, frame=frame)
+        self.limit = limit
 
 
 def _describe_non_image(data: bytes) -> str:
@@ -234,6 +245,7 @@ def iter_frames(
         raise ImageTooLargeError(
             f"{len(data) / _MIB:.1f} MiB is over the {limits.max_bytes / _MIB:.1f} MiB limit "
             "per image; send a smaller or more compressed image",
+            limit="max_bytes",
             field=field,
         )
     try:
@@ -272,6 +284,7 @@ def iter_frames(
             raise ImageTooLargeError(
                 f"{width}x{height} is {width * height:,} pixels, over the limit of "
                 f"{limits.max_pixels:,} per frame; downscale it first",
+                limit="max_pixels",
                 field=field,
             )
         if min(width, height) < limits.min_side:
@@ -288,12 +301,14 @@ def iter_frames(
         if n_frames > budget[0]:
             raise ImageTooLargeError(
                 f"{these} is over the limit of {limits.max_frames} frames per request",
+                limit="max_frames",
                 field=field,
             )
         if n_frames * width * height > budget[1]:
             raise ImageTooLargeError(
                 f"{these} of {width}x{height} pixels is over the limit of "
                 f"{limits.max_total_pixels:,} decoded pixels per request",
+                limit="max_total_pixels",
                 field=field,
             )
         budget[0] -= n_frames
@@ -311,6 +326,7 @@ def iter_frames(
                         raise ImageTooLargeError(
                             f"{w}x{h} is {w * h:,} pixels, over the limit of "
                             f"{limits.max_pixels:,} per frame",
+                            limit="max_pixels",
                             field=field,
                             frame=frame,
                         )

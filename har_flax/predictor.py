@@ -449,6 +449,7 @@ class Predictor:
                 f"{len(images)} images is over the limit of {self.limits.max_frames} frames "
                 "per request",
                 field="images",
+                limit="max_frames",
             )
         size = self.info.image_size
         budget = [self.limits.max_frames, self.limits.max_total_pixels]

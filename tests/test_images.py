@@ -333,6 +333,7 @@ def test_decompression_bomb_refused_before_decoding():
         decode_frames(bomb, field="images[1]")
     assert time.perf_counter() - start < 0.5  # decoding 64 M pixels would take far longer
     assert e.value.field == "images[1]" and "64,000,000 pixels" in str(e.value)
+    assert e.value.limit == "max_pixels"  # the ImageLimits field, for a caller to name its knob
     with pytest.raises(ImageTooLargeError):
         decode_frames(png_header_bomb(8000, 8000, valid_data=False))
     # Sanity: the same garbage-data file under the limit really is undecodable.
@@ -342,8 +343,9 @@ def test_decompression_bomb_refused_before_decoding():
 
 def test_giant_bomb_beyond_pillows_own_guard():
     # 10 G pixels: Pillow itself refuses at open() (DecompressionBombError); still our error type.
-    with pytest.raises(ImageTooLargeError):
+    with pytest.raises(ImageTooLargeError) as e:
         decode_frames(png_header_bomb(100_000, 100_000, valid_data=False))
+    assert e.value.limit is None  # no limit of ours raises it
 
 
 def test_pillow_bomb_warning_is_not_printed():
@@ -374,22 +376,24 @@ def test_pillow_bomb_warning_as_error_is_still_too_large():
 def test_too_many_bytes(cat_jpeg):
     with pytest.raises(ImageTooLargeError) as e:
         decode_frames(cat_jpeg, limits=ImageLimits(max_bytes=10_000), field="images[0]")
-    assert "MiB" in str(e.value) and e.value.frame is None
+    assert "MiB" in str(e.value) and e.value.frame is None and e.value.limit == "max_bytes"
 
 
 def test_too_many_frames():
     frames = solid_frames() * 2
     gif = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
     assert len(decode_frames(gif, limits=ImageLimits(max_frames=6))) == 6
-    with pytest.raises(ImageTooLargeError, match="6 frames"):
+    with pytest.raises(ImageTooLargeError, match="6 frames") as e:
         decode_frames(gif, limits=ImageLimits(max_frames=5))
+    assert e.value.limit == "max_frames"
 
 
 def test_too_many_decoded_pixels_in_an_animation():
     frames = solid_frames(size=(100, 100))
     gif = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
-    with pytest.raises(ImageTooLargeError, match="decoded pixels"):
+    with pytest.raises(ImageTooLargeError, match="decoded pixels") as e:
         decode_frames(gif, limits=ImageLimits(max_total_pixels=25_000))
+    assert e.value.limit == "max_total_pixels"
 
 
 def test_limits_must_be_positive():

@@ -67,13 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Which flag raises the limit an ImageTooLargeError names (by the words of its message).
-_LIMIT_FLAGS = (
-    ("limit per image", "--max-image-mb"),
-    ("per frame", "--max-pixels"),  # (Pillow's own refusal, "exhaust memory", is final)
-    ("frames per request", "--max-frames"),
-    ("decoded pixels per request", "--max-frames or --max-pixels"),
-)
+# The flag that raises each ImageLimits field an ImageTooLargeError names (Pillow's own
+# refusal, limit None, is final).
+_LIMIT_FLAGS = {
+    "max_bytes": "--max-image-mb",
+    "max_pixels": "--max-pixels",
+    "max_frames": "--max-frames",
+    "max_total_pixels": "--max-frames or --max-pixels",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,8 +138,8 @@ def _main(argv: list[str] | None) -> int:
         try:
             samples[g] = predictor.prepare([blobs[i] for i in group])
         except ImageError as e:
-            hint = next((f" (raise the limit with {f})" for words, f in _LIMIT_FLAGS
-                         if words in e.reason), "")  # fmt: skip
+            flag = _LIMIT_FLAGS.get(getattr(e, "limit", None))
+            hint = f" (raise the limit with {flag})" if flag else ""
             errors[g] = f"{_where(e, [paths[i] for i in group])}: {e.reason}{hint}"
     answered = dict(zip(samples, predictor.predict_samples(list(samples.values())), strict=True))
     elapsed = time.perf_counter() - start
