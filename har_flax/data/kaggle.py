@@ -411,14 +411,11 @@ def missing_files(root: Path, split: str, entries: Sequence[Entry]) -> list[Issu
         return []
     base = root / folder
     on_disk: dict[str, str] = {}  # comparable form -> the name on disk
-    if base.is_dir():
-        for p in base.iterdir():
-            on_disk.setdefault(unicodedata.normalize("NFC", p.name).casefold(), p.name)
-    below = {}
-    if base.is_dir():
-        for sub in base.iterdir():
-            if sub.is_dir():
-                below.update({f.name: sub.name for f in sub.iterdir() if f.is_file()})
+    below: dict[str, str] = {}  # file name one folder down -> that folder
+    for p in base.iterdir() if base.is_dir() else ():
+        on_disk.setdefault(unicodedata.normalize("NFC", p.name).casefold(), p.name)
+        if p.is_dir():
+            below.update({f.name: p.name for f in p.iterdir() if f.is_file()})
 
     def why(filename: str) -> str:
         if (base / filename).is_dir():
