@@ -171,6 +171,27 @@ def test_test_split_problems_do_not_stop_training(data, tmp_path):
         load_splits(data, tmp_path, image_size=32, data_config=DataConfig(), evaluating=True)
 
 
+def test_a_test_split_without_one_readable_image_does_not_stop_training(data, tmp_path):
+    for image in (data / "test").iterdir():
+        image.write_bytes(b"")
+    splits = load_splits(data, tmp_path, image_size=32, data_config=DataConfig())
+    assert len(splits.test) == 0 and len(splits.train) + len(splits.val) == 12
+    assert sorted(name for name, _ in splits.test_skipped) == [f"Image_{i}.jpg" for i in (1, 2, 3)]
+    with pytest.raises(DataError, match=r"3 bad rows or images:(.|\n)*test/Image_3.jpg is unread"):
+        load_splits(data, tmp_path, image_size=32, data_config=DataConfig(), evaluating=True)
+
+
+def test_no_readable_training_image_is_an_error_even_when_skipping(data, tmp_path):
+    for image in (data / "train").iterdir():
+        image.write_bytes(b"not a JPEG")
+    with pytest.raises(
+        DataError,
+        match=r"none of the 12 training images of .* is readable:\n"
+        r"  Training_set.csv line 2: train/Image_1.jpg is unr",
+    ):
+        load_splits(data, tmp_path, image_size=32, data_config=SKIP)
+
+
 def test_spreadsheet_csv_dialects_read_as_meant(data, tmp_path):
     """A blank line before the header, the header in capitals, `"x", "y"` quoting."""
     rows = _read(data / "Training_set.csv")

@@ -140,6 +140,7 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
         skip_bad_test_images: bool = False,
         workers: int | None = None,
         progress: bool = True,
+        unreadable_test: Sequence[kaggle.Issue] | None = None,
         **kwargs,
     ):
         """See :class:`tfds.core.GeneratorBasedBuilder`.
@@ -150,12 +151,16 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
           skip_bad_test_images: the same for the test split only (training never reads it).
           workers: decoding threads (default: one per CPU).
           progress: show the decoding progress bar.
+          unreadable_test: the test split's images, all found unreadable by an earlier try
+            (tfds cannot store an empty split): the copy is prepared without a test split, and
+            these are listed as skipped.
           **kwargs: ``data_dir``, ``config``, ... as for any tfds builder.
         """
         self._skip_bad_images = skip_bad_images
         self._skip_bad_test_images = skip_bad_images or skip_bad_test_images
         self._workers = workers or os.cpu_count() or 1
         self._progress = progress
+        self._unreadable_test = unreadable_test
         super().__init__(**kwargs)
 
     # tfds derives this from the package's resources, which for an editable install is a
@@ -210,14 +215,16 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
             classes=list(layout.classes),
             image_size=self.image_size,
             source=os.fspath(layout.root),
-            skipped=[i.to_dict() for i in layout.issues],
+            skipped=[i.to_dict() for i in [*layout.issues, *(self._unreadable_test or ())]],
             stored={},
         )
-        # tfds cannot store an empty split; a data set without test images simply has none.
-        last = "test" if layout.test else "train"
-        splits = {"train": self._generate_examples(layout, "train", layout.train, last == "train")}
-        if layout.test:
-            splits["test"] = self._generate_examples(layout, "test", layout.test, True)
+        # tfds generates the splits in this order. The test split goes first: were all of its
+        # images unreadable (and skipped), prepare() tries again without it, decoding nothing
+        # twice. tfds cannot store an empty split; a data set without test images has none.
+        splits = {}
+        if layout.test and self._unreadable_test is None:
+            splits["test"] = self._generate_examples(layout, "test", layout.test, False)
+        splits["train"] = self._generate_examples(layout, "train", layout.train, True)
         return splits
 
     def _skips(self, split: str) -> bool:
@@ -262,10 +269,27 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
         # tfds (generating the splits in order) gets nothing more of a data set that fails.
         if self._problems and (last or not stored):
             kaggle.raise_issues(self._problems, what="bad rows or images")
+        if not stored and split == "test":
+            raise _NoReadableTestImage(bad)
+        if not stored:
+            listed = "\n".join(f"  {i.message}" for i in bad[:5])
+            more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise kaggle.DataError(
+                f"none of the {len(entries)} training images of {layout.root} is readable:\n"
+                f"{listed}{more}\nCheck that the data set was unzipped completely."
+            )
         meta = self.info.metadata
         meta["skipped"] = meta["skipped"] + [i.to_dict() for i in bad]
         meta["stored"] = {**meta["stored"], split: stored}
         log.info("writing the %s split's %d images as array_record shards", split, len(stored))
+
+
+class _NoReadableTestImage(Exception):
+    """Every test image was unreadable (and skipped): tfds cannot store the empty split."""
+
+    def __init__(self, issues: list[kaggle.Issue]):
+        super().__init__(f"{len(issues)} unreadable test images")
+        self.issues = issues
 
 
 def builder_for(
@@ -277,6 +301,7 @@ def builder_for(
     skip_bad_test_images: bool = False,
     workers: int | None = None,
     progress: bool = True,
+    unreadable_test: Sequence[kaggle.Issue] | None = None,
 ) -> HarKaggle:
     """The builder of ``data_dir`` at ``image_size`` (prepared or not) cached under ``tfds_dir``."""
     config = HarKaggleConfig(
@@ -292,6 +317,7 @@ def builder_for(
             skip_bad_test_images=skip_bad_test_images,
             workers=workers,
             progress=progress,
+            unreadable_test=unreadable_test,
         )
 
 
@@ -326,7 +352,7 @@ def prepare(
     if not data_dir.is_dir():
         raise kaggle.DataError(f"data directory {data_dir} does not exist")
 
-    def builder() -> HarKaggle:
+    def builder(unreadable_test: list[kaggle.Issue] | None = None) -> HarKaggle:
         return builder_for(
             data_dir,
             image_size=image_size,
@@ -335,6 +361,7 @@ def prepare(
             skip_bad_test_images=skip_bad_test_images,
             workers=workers,
             progress=progress,
+            unreadable_test=unreadable_test,
         )
 
     ours = builder()
@@ -343,19 +370,24 @@ def prepare(
     if prepared:
         return ours
     log.info("preparing %s at %dpx into %s", data_dir, image_size, ours.data_dir)
-    try:
+
+    def build(b: HarKaggle) -> None:
         # Our decoding bars only: tfds' own ("Generating splits", "Generating train examples"
         # stuck at 0 as ours count, "Shuffling <a 200-character file pattern>") add nothing.
         with _without_tfds_progress_bars(), _tfds_shuffle_in_memory():
-            ours.download_and_prepare(
+            b.download_and_prepare(
                 file_format="array_record",
                 download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir)),
             )
-    except AssertionError as e:
-        if "No examples were yielded" not in str(e):
-            raise
-        # Every image of a split was skipped as unreadable.
-        raise kaggle.DataError(f"{data_dir}: no readable image left in a split ({e})") from e
+
+    try:
+        try:
+            build(ours)
+        except _NoReadableTestImage as e:
+            log.warning("none of the %d test images is readable; preparing without a test "
+                        "split", len(e.issues))  # fmt: skip
+            ours = builder(e.issues)
+            build(ours)
     except FileExistsError:
         # tfds prepares into a temporary folder and renames it at the end; another run sharing
         # tfds_dir (a sweep with one --download-dir) renamed the same copy first. Use theirs.

@@ -437,7 +437,7 @@ def missing_files(root: Path, split: str, entries: Sequence[Entry]) -> list[Issu
     ]  # fmt: skip
 
 
-def raise_issues(issues: Sequence[Issue], *, what: str = "bad data") -> None:
+def raise_issues(issues: Sequence[Issue], *, what: str) -> None:
     """Raises one DataError listing ``issues`` (the first few in full), or returns if none."""
     if not issues:
         return
