@@ -7,6 +7,13 @@ import dataclasses
 MiB = 1024 * 1024
 
 
+def _image_limit_default(name: str) -> int:
+    """The default of one har_flax.images.ImageLimits field (defaults live there only)."""
+    from har_flax.images import ImageLimits  # noqa: PLC0415 (Pillow only when used)
+
+    return ImageLimits.__dataclass_fields__[name].default
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     """Everything `har-serve` can be told; every field is a flag and a HAR_SERVE_* variable."""
@@ -20,6 +27,8 @@ class ServerConfig:
     max_image_bytes: int | None = None  # Encoded bytes of one image.
     max_pixels: int | None = None  # Decoded pixels of one frame (stops decompression bombs).
     max_frames: int | None = None  # Frames of one request (images or animation frames).
+    # Decoded pixels of one request, all frames together (at least max_pixels).
+    max_total_pixels: int | None = None
     # Dynamic batching.
     # None = auto: on with a GPU or TPU, off on a CPU, where a batched forward costs more per
     # image than single ones (docs/BENCHMARKS.md). False = each request runs alone.
@@ -39,6 +48,12 @@ class ServerConfig:
     auth_token: str | None = dataclasses.field(default=None, repr=False)
     rate_limit: float = 0.0  # Requests per second per client address; 0 = unlimited.
     rate_burst: int = 0  # Bucket size for rate_limit; 0 = max(1, 2 * rate_limit).
+    # Connections.
+    # Shortest interval between client keepalive pings that the server accepts (with or
+    # without calls in flight); faster pingers are sent GOAWAY ("too_many_pings").
+    keepalive_min_interval_s: float = 10.0
+    reflection_streams: int = 4  # Server reflection streams open at once; 0 = no reflection.
+    reflection_idle_s: float = 60.0  # A reflection stream with no request this long is ended.
     # Operations.
     metrics_port: int | None = None  # Prometheus /metrics port; None = off, 0 = any free port.
     metrics_host: str = "0.0.0.0"  # Address for the metrics endpoint.
@@ -70,6 +85,18 @@ class ServerConfig:
             (self.auth_token != "", "auth_token must not be empty (leave it unset to disable)"),
             (self.rate_limit >= 0, f"rate_limit must be >= 0, got {self.rate_limit}"),
             (self.rate_burst >= 0, f"rate_burst must be >= 0, got {self.rate_burst}"),
+            (
+                self.keepalive_min_interval_s >= 0,
+                f"keepalive_min_interval_s must be >= 0, got {self.keepalive_min_interval_s}",
+            ),
+            (
+                self.reflection_streams >= 0,
+                f"reflection_streams must be >= 0, got {self.reflection_streams}",
+            ),
+            (
+                self.reflection_idle_s > 0,
+                f"reflection_idle_s must be > 0, got {self.reflection_idle_s}",
+            ),
             (self.grace_s >= 0, f"grace_s must be >= 0, got {self.grace_s}"),
             (self.drain_s >= 0, f"drain_s must be >= 0, got {self.drain_s}"),
             (self.log_format in ("text", "json"), "log_format must be text or json"),
@@ -77,10 +104,35 @@ class ServerConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        for name in ("max_image_bytes", "max_pixels", "max_frames"):
+        for name in ("max_image_bytes", "max_pixels", "max_frames", "max_total_pixels"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
+        per_frame = self.max_pixels or _image_limit_default("max_pixels")
+        if self.max_total_pixels is not None and self.max_total_pixels < per_frame:
+            raise ValueError(
+                f"max_total_pixels ({self.max_total_pixels:,}) must be at least max_pixels "
+                f"({per_frame:,}): a request must fit one frame at the per-frame limit"
+            )
+
+    def image_limits(self):
+        """The Predictor's ImageLimits: its own defaults where a field is None.
+
+        An unset max_total_pixels rises to max_pixels when that is raised above it, so raising
+        the per-frame limit alone lets a frame of that size through.
+        """
+        from har_flax.images import ImageLimits  # noqa: PLC0415 (Pillow only when used)
+
+        total = self.max_total_pixels
+        if total is None and self.max_pixels is not None:
+            total = max(_image_limit_default("max_total_pixels"), self.max_pixels)
+        given = {
+            "max_bytes": self.max_image_bytes,
+            "max_pixels": self.max_pixels,
+            "max_frames": self.max_frames,
+            "max_total_pixels": total,
+        }
+        return ImageLimits(**{k: v for k, v in given.items() if v is not None})
 
     def use_batching(self, backend: str) -> bool:
         """Whether to batch on `backend` ("cpu", "gpu", "tpu"): the setting, or auto."""

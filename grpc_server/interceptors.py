@@ -18,11 +18,13 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from grpc_server.errors import RpcFailure
 from grpc_server.metrics import Metrics
 
 access_log = logging.getLogger("grpc_server.access")
+log = logging.getLogger(__name__)
 
 # Methods that never need a token: the standard health and reflection services, and our own
 # cheap Health (probes and dashboards should not need secrets).
@@ -40,6 +42,11 @@ FAST_METHODS = (
     "/grpc.health.v1.Health/",
     "/har.v1.ActionRecognition/Health",
     "/har.v1.ActionRecognition/Classes",
+)
+# Server reflection (grpcurl, GUI clients): bidirectional streams a client may hold open.
+REFLECTION_METHODS = (
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
 )
 # The metrics label for methods the server does not have (client-chosen names would otherwise
 # grow the label set without bound).
@@ -300,6 +307,105 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         return handler
 
 
+class ReflectionInterceptor(grpc.ServerInterceptor):
+    """Runs reflection streams on a small pool of their own, bounded, and ends idle ones.
+
+    A reflection stream holds its thread until the client closes it, and GUI clients (grpcui,
+    Postman, Evans) keep theirs open. On the handler pool, a few of them would leave Predict
+    no thread to run on while health still says SERVING. Here they never touch that pool: at
+    most `max_streams` run at once (one more is RESOURCE_EXHAUSTED / TOO_MANY_STREAMS with a
+    RetryInfo), a stream with no request for `idle_s` is cancelled, and `end_streams` cancels
+    every open one at shutdown, so none holds the server for its grace period.
+
+    Args:
+      fast_pool: where refusals run.
+      max_streams: reflection streams open at once (grpcurl opens one per command).
+      idle_s: seconds a stream may wait for its next request.
+    """
+
+    def __init__(self, fast_pool: futures.ThreadPoolExecutor, max_streams: int, idle_s: float):
+        self._pool = CountingThreadPool(max_streams, thread_name_prefix="grpc-reflection")
+        self._fast = fast_pool
+        self.max_streams = max_streams
+        self.idle_s = idle_s
+        self._open: set = set()  # The contexts of open streams.
+        self._lock = threading.Lock()
+        self._ended = False
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(REFLECTION_METHODS):
+            return handler
+        if self._pool.pending >= self.max_streams:
+            failure = RpcFailure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_streams} reflection streams are open already (--reflection-streams); "
+                "close idle reflection clients or retry shortly",
+                reason="TOO_MANY_STREAMS",
+                retry_after_s=1.0,
+            )
+            return _replace_behavior(handler, _reject(failure, pool=self._fast))
+
+        def decorate(behavior, response_streaming):
+            def guarded(requests, context, *rest):
+                return self._guard(behavior, requests, context, *rest)
+
+            guarded.experimental_thread_pool = self._pool
+            return guarded
+
+        return _replace_behavior(handler, decorate)
+
+    def _guard(self, behavior, requests, context, *rest):
+        last = [time.monotonic()]
+
+        def check_idle():
+            left = last[0] + self.idle_s - time.monotonic()
+            if left > 0:
+                start_timer(left)
+            elif context.is_active():
+                log.info("reflection stream from %s idle for %g s: cancelled", context.peer(),
+                         self.idle_s)  # fmt: skip
+                context.cancel()
+
+        timer: list[threading.Timer] = []
+
+        def start_timer(delay: float) -> None:
+            t = threading.Timer(delay, check_idle)
+            t.daemon = True
+            timer[:] = [t]
+            t.start()
+
+        def watched():
+            for request in requests:
+                last[0] = time.monotonic()
+                yield request
+
+        with self._lock:
+            ended = self._ended
+            self._open.add(context)
+        if ended:
+            context.cancel()
+        start_timer(self.idle_s)
+        try:
+            yield from behavior(watched(), context, *rest)
+        finally:
+            timer[0].cancel()
+            with self._lock:
+                self._open.discard(context)
+
+    def end_streams(self) -> int:
+        """Cancels every open reflection stream (and any opened later); returns how many."""
+        with self._lock:
+            self._ended = True
+            contexts = list(self._open)
+        for context in contexts:
+            context.cancel()
+        return len(contexts)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
 class _Oversized:
     """Stands in for a request message over the limit (the bytes are dropped at once)."""
 
@@ -307,6 +413,15 @@ class _Oversized:
 
     def __init__(self, size: int):
         self.size = size
+
+
+class _Malformed:
+    """Stands in for request bytes that are not a valid message of the method's type."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str):
+        self.error = error
 
 
 def _mib(n: int) -> str:
@@ -321,6 +436,9 @@ class MessageSizeInterceptor(grpc.ServerInterceptor):
     deserializer sees the message's size first and hands an over-limit message on as a marker
     instead of parsing it; the behaviour then ends the call with RESOURCE_EXHAUSTED /
     MESSAGE_TOO_LARGE (no RetryInfo: the same request can never succeed).
+
+    Bytes that do not parse as the method's request type are INVALID_ARGUMENT /
+    MALFORMED_REQUEST the same way (gRPC's own answer is a bare, unlogged INTERNAL).
     """
 
     def __init__(self, max_bytes: int):
@@ -335,14 +453,23 @@ class MessageSizeInterceptor(grpc.ServerInterceptor):
             reason="MESSAGE_TOO_LARGE",
         )
 
-    def _refuse(self, message: _Oversized, context) -> None:
-        annotate(reason="MESSAGE_TOO_LARGE", bytes=message.size)
-        context.abort_with_status(self._failure(message.size).to_status())
+    def _refuse(self, message: _Oversized | _Malformed, context, method: str) -> None:
+        if isinstance(message, _Oversized):
+            annotate(reason="MESSAGE_TOO_LARGE", bytes=message.size)
+            context.abort_with_status(self._failure(message.size).to_status())
+        annotate(reason="MALFORMED_REQUEST")
+        failure = RpcFailure(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid message for {method} ({message.error}); build it "
+            "with stubs generated from protos/har/v1/har.proto",
+            reason="MALFORMED_REQUEST",
+        )
+        context.abort_with_status(failure.to_status())
 
-    def _checked(self, requests: Iterator, context) -> Iterator:
+    def _checked(self, requests: Iterator, context, method: str) -> Iterator:
         for request in requests:
-            if isinstance(request, _Oversized):
-                self._refuse(request, context)
+            if isinstance(request, (_Oversized, _Malformed)):
+                self._refuse(request, context, method)
             yield request
 
     def intercept_service(self, continuation, handler_call_details):
@@ -350,22 +477,28 @@ class MessageSizeInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         limit, parse = self.max_bytes, handler.request_deserializer
+        method = handler_call_details.method
 
         def deserialize(data: bytes):
             if len(data) > limit:
                 return _Oversized(len(data))
-            return parse(data) if parse is not None else data
+            if parse is None:
+                return data
+            try:
+                return parse(data)
+            except DecodeError as e:
+                return _Malformed(str(e) or "unparsable protobuf")
 
         def decorate(behavior, response_streaming):
             if handler.request_streaming:
 
                 def gated(requests, context, *rest):
-                    return behavior(self._checked(requests, context), context, *rest)
+                    return behavior(self._checked(requests, context, method), context, *rest)
             else:
 
                 def gated(request, context, *rest):
-                    if isinstance(request, _Oversized):
-                        self._refuse(request, context)
+                    if isinstance(request, (_Oversized, _Malformed)):
+                        self._refuse(request, context, method)
                     return behavior(request, context, *rest)
 
             if getattr(behavior, "experimental_non_blocking", False):

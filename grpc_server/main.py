@@ -84,6 +84,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add("--max-image-bytes", type=int, default=d.max_image_bytes, help="encoded bytes per image")
     add("--max-pixels", type=int, default=d.max_pixels, help="decoded pixels per frame")
     add("--max-frames", type=int, default=d.max_frames, help="frames per request")
+    add(
+        "--max-total-pixels",
+        type=int,
+        default=d.max_total_pixels,
+        help="decoded pixels per request, all frames together (at least --max-pixels)",
+    )
     add_switch("--no-warmup", "skip compiling every batch size before SERVING")
     add("--host", default=d.host, help="address to bind (default: %(default)s)")
     add("--port", type=int, default=d.port, help="port; 0 picks a free one (default: %(default)s)")
@@ -136,6 +142,24 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         type=int,
         default=d.model_threads,
         help="model calls at once; >1 helps small batches on CPUs (default: 1)",
+    )
+    add(
+        "--keepalive-min-interval",
+        type=float,
+        default=d.keepalive_min_interval_s,
+        help="seconds clients must leave between keepalive pings (default: %(default)s)",
+    )
+    add(
+        "--reflection-streams",
+        type=int,
+        default=d.reflection_streams,
+        help="reflection streams open at once; 0 turns reflection off (default: %(default)s)",
+    )
+    add(
+        "--reflection-idle",
+        type=float,
+        default=d.reflection_idle_s,
+        help="seconds an idle reflection stream stays open (default: %(default)s)",
     )
     add(
         "--metrics-port",
@@ -194,6 +218,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_image_bytes=args.max_image_bytes,
         max_pixels=args.max_pixels,
         max_frames=args.max_frames,
+        max_total_pixels=args.max_total_pixels,
         batching=batching,
         max_batch_size=args.max_batch_size,
         max_wait_us=args.max_wait_us,
@@ -206,6 +231,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         auth_token=token or None,
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,
+        keepalive_min_interval_s=args.keepalive_min_interval,
+        reflection_streams=args.reflection_streams,
+        reflection_idle_s=args.reflection_idle,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         grace_s=args.grace,

@@ -28,6 +28,7 @@ from grpc_server.interceptors import (
     CountingThreadPool,
     MessageSizeInterceptor,
     RateLimitInterceptor,
+    ReflectionInterceptor,
 )
 from grpc_server.metrics import Metrics
 from grpc_server.servicer import ActionRecognitionServicer
@@ -75,7 +76,7 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
 
 
 class EndableHealthServicer(health.HealthServicer):
-    """The standard grpc.health.v1 servicer, plus `end_watches` to close open Watch streams.
+    """The standard grpc.health.v1 servicer, with List, and `end_watches` to close open Watches.
 
     grpcio-health-checking's `enter_graceful_shutdown` sends NOT_SERVING but leaves Watch streams
     open, and a server stopping with a grace period waits for every open call: one watcher
@@ -114,6 +115,18 @@ class EndableHealthServicer(health.HealthServicer):
             send(None)
         return result
 
+    def List(self, request, context):
+        # grpcio-health-checking advertises List (grpc.health.v1 since 2024) without
+        # implementing it: every call was UNIMPLEMENTED with a traceback in the log.
+        with self._lock:
+            statuses = dict(self._server_status)
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in statuses.items()
+            }
+        )
+
     def end_watches(self) -> int:
         """Ends every open Watch stream (and any opened later); returns how many were open."""
         with self._ends_lock:
@@ -137,22 +150,12 @@ def load_predictor(config: ServerConfig, batching: bool):
     Imported lazily: JAX starts here, after the port is open and health says NOT_SERVING.
     Without batching only the single-sample bucket is compiled.
     """
-    from har_flax.images import ImageLimits
     from har_flax.predictor import Predictor
 
-    overrides = {
-        name: value
-        for name, value in (
-            ("max_bytes", config.max_image_bytes),
-            ("max_pixels", config.max_pixels),
-            ("max_frames", config.max_frames),
-        )
-        if value is not None
-    }
     return Predictor.load(
         config.model,
         batch_sizes=config.batch_sizes(batching),
-        limits=ImageLimits(**overrides),
+        limits=config.image_limits(),
         warmup=config.warmup,
     )
 
@@ -181,6 +184,7 @@ class HarServer:
         self._metrics_httpd = None
         self._server: grpc.Server | None = None
         self._pools: tuple[CountingThreadPool, futures.ThreadPoolExecutor] | None = None
+        self._reflection: ReflectionInterceptor | None = None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
 
@@ -199,6 +203,8 @@ class HarServer:
             chain.append(RateLimitInterceptor(c.rate_limit, c.rate_burst))
         # Innermost, so an unauthenticated or rate-limited client hears that, not OVERLOADED.
         chain.append(AdmissionInterceptor(pool, fast_pool, limit=c.workers + c.max_queue))
+        if self._reflection is not None:
+            chain.append(self._reflection)
         return chain
 
     def start(self) -> int:
@@ -221,10 +227,21 @@ class HarServer:
             ("grpc.max_send_message_length", c.max_message_bytes),
             # Fail loudly if another server holds the port instead of silently sharing it.
             ("grpc.so_reuseport", 0),
+            # Clients behind NATs and load balancers keep idle connections open with pings;
+            # gRPC's server default (one per 5 minutes, none without a call) sends them GOAWAY.
+            ("grpc.keepalive_permit_without_calls", 1),
+            (
+                "grpc.http2.min_ping_interval_without_data_ms",
+                round(c.keepalive_min_interval_s * 1000),
+            ),
         ]
         pool = CountingThreadPool(max_workers=c.workers, thread_name_prefix="grpc")
         fast_pool = futures.ThreadPoolExecutor(FAST_THREADS, thread_name_prefix="grpc-fast")
         self._pools = (pool, fast_pool)
+        if c.reflection_streams:
+            self._reflection = ReflectionInterceptor(
+                fast_pool, max_streams=c.reflection_streams, idle_s=c.reflection_idle_s
+            )
         server = grpc.server(
             pool,
             interceptors=self._interceptors(pool, fast_pool),
@@ -238,9 +255,10 @@ class HarServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        if self._reflection is not None:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
         address = f"{c.host}:{c.port}"
         # Read first: an unreadable TLS file is its own error, not a port problem.
         credentials = server_credentials(c) if c.tls else None
@@ -306,8 +324,9 @@ class HarServer:
         """Graceful shutdown; safe to call twice.
 
         Health goes NOT_SERVING first and new Predict/Classes calls get UNAVAILABLE; after
-        `drain_s` (so load balancers notice) the port closes and open health Watch streams end
-        (they would otherwise hold shutdown for the whole grace); calls already running get
+        `drain_s` (so load balancers notice) the port closes and open health Watch and
+        reflection streams end (they would otherwise hold shutdown for the whole grace); calls
+        already running get
         `grace_s` to finish, then are cancelled.
         """
         with self._stop_lock:
@@ -327,11 +346,15 @@ class HarServer:
             watchers = self.health.end_watches()
             if watchers:
                 log.info("ended %d health Watch stream(s)", watchers)
+            if self._reflection is not None and (streams := self._reflection.end_streams()):
+                log.info("ended %d reflection stream(s)", streams)
             stopped.wait()
         self.servicer.close(timeout=grace_s + 1)
         if self._pools is not None:
             for pool in self._pools:
                 pool.shutdown(wait=False)
+        if self._reflection is not None:
+            self._reflection.shutdown()
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()

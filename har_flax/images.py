@@ -53,6 +53,11 @@ _ORIENTATION_TRANSPOSE = {
 }
 
 
+def _size(n: int) -> str:
+    """A byte count for people: '12.3 MiB', '512 KiB'."""
+    return f"{n / _MIB:.1f} MiB" if n >= _MIB else f"{n / 1024:.0f} KiB"
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageLimits:
     """What one request may cost to decode. Each limit fails with a clear :class:`ImageError`."""
@@ -73,6 +78,11 @@ class ImageLimits:
                 raise ValueError(
                     f"ImageLimits.{f.name} must be positive, got {getattr(self, f.name)}"
                 )
+        if self.max_total_pixels < self.max_pixels:
+            raise ValueError(
+                f"ImageLimits.max_total_pixels ({self.max_total_pixels:,}) must be at least "
+                f"max_pixels ({self.max_pixels:,}): a request must fit one frame at the limit"
+            )
 
 
 class ImageError(ValueError):
@@ -243,8 +253,9 @@ def iter_frames(
         raise InvalidImageError("empty: no image bytes were sent", field=field)
     if len(data) > limits.max_bytes:
         raise ImageTooLargeError(
-            f"{len(data) / _MIB:.1f} MiB is over the {limits.max_bytes / _MIB:.1f} MiB limit "
-            "per image; send a smaller or more compressed image",
+            f"{len(data):,} bytes ({_size(len(data))}) is over the limit of "
+            f"{limits.max_bytes:,} bytes ({_size(limits.max_bytes)}) per image; send a smaller "
+            "or more compressed image",
             limit="max_bytes",
             field=field,
         )
@@ -297,7 +308,9 @@ def iter_frames(
             budget = [limits.max_frames, limits.max_total_pixels]
         # Earlier images of the same request have used part of the budget already.
         earlier = limits.max_frames - budget[0]
-        these = f"{n_frames} frames" + (f" after {earlier} earlier ones" if earlier else "")
+        these = f"{n_frames} frame{'s' * (n_frames != 1)}" + (
+            f" after {earlier} earlier one{'s' * (earlier != 1)}" if earlier else ""
+        )
         if n_frames > budget[0]:
             raise ImageTooLargeError(
                 f"{these} is over the limit of {limits.max_frames} frames per request",

@@ -149,6 +149,20 @@ def test_inconsistent_flags_exit_2_with_what_to_fix():
     proc = _run(["--tls-cert", "server.pem"])
     assert proc.returncode == 2 and "tls_cert and tls_key must be given together" in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = _run(["--max-pixels", "50000000", "--max-total-pixels", "40000000"])
+    assert proc.returncode == 2 and "max_total_pixels (40,000,000) must be at least max_pixels " \
+        "(50,000,000)" in proc.stderr  # fmt: skip
+
+
+def test_raising_the_frame_limit_alone_raises_the_request_limit_with_it():
+    from grpc_server.config import ServerConfig
+
+    default = ServerConfig().image_limits()
+    raised = ServerConfig(max_pixels=150_000_000).image_limits()
+    assert raised.max_pixels == raised.max_total_pixels == 150_000_000
+    assert default.max_total_pixels == 128_000_000 and default.max_pixels == 40_000_000
+    both = ServerConfig(max_pixels=1000, max_total_pixels=5000, max_frames=3).image_limits()
+    assert (both.max_pixels, both.max_total_pixels, both.max_frames) == (1000, 5000, 3)
 
 
 def test_busy_port_exits_3():
@@ -181,9 +195,15 @@ def test_every_flag_reads_its_environment_variable_and_flags_win(tmp_path):
         "HAR_SERVE_MAX_WAIT_US": "50",
         "HAR_SERVE_AUTH_TOKEN_FILE": str(token_file),
         "HAR_SERVE_RATE_LIMIT": "2.5",
+        "HAR_SERVE_MAX_TOTAL_PIXELS": "200000000",
+        "HAR_SERVE_KEEPALIVE_MIN_INTERVAL": "30",
+        "HAR_SERVE_REFLECTION_STREAMS": "0",
+        "HAR_SERVE_REFLECTION_IDLE": "5",
     }
     config = config_from_args(build_parser(env).parse_args(["--port", "7000"]))
     assert (config.port, config.batching, config.max_wait_us) == (7000, False, 50)
+    assert (config.max_total_pixels, config.keepalive_min_interval_s) == (200_000_000, 30.0)
+    assert (config.reflection_streams, config.reflection_idle_s) == (0, 5.0)
     assert config.auth_token == "from-a-file" and config.rate_limit == 2.5
     assert "from-a-file" not in repr(config)
     # Every flag has a variable: the help names one for each.

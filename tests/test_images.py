@@ -376,7 +376,9 @@ def test_pillow_bomb_warning_as_error_is_still_too_large():
 def test_too_many_bytes(cat_jpeg):
     with pytest.raises(ImageTooLargeError) as e:
         decode_frames(cat_jpeg, limits=ImageLimits(max_bytes=10_000), field="images[0]")
-    assert "MiB" in str(e.value) and e.value.frame is None and e.value.limit == "max_bytes"
+    assert e.value.frame is None and e.value.limit == "max_bytes"
+    assert f"{len(cat_jpeg):,} bytes (" in str(e.value)
+    assert "over the limit of 10,000 bytes (10 KiB) per image" in str(e.value)
 
 
 def test_too_many_frames():
@@ -391,9 +393,23 @@ def test_too_many_frames():
 def test_too_many_decoded_pixels_in_an_animation():
     frames = solid_frames(size=(100, 100))
     gif = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
-    with pytest.raises(ImageTooLargeError, match="decoded pixels") as e:
-        decode_frames(gif, limits=ImageLimits(max_total_pixels=25_000))
+    small = ImageLimits(max_pixels=10_000, max_total_pixels=25_000)
+    with pytest.raises(
+        ImageTooLargeError, match="3 frames of 100x100 pixels .* 25,000 decoded "
+    ) as e:
+        decode_frames(gif, limits=small)
     assert e.value.limit == "max_total_pixels"
+    # The budget is per request: after two earlier frames, one more is over it.
+    budget = [small.max_frames, small.max_total_pixels]
+    assert len(list(iter_frames(encode(frames[0], "PNG"), limits=small, budget=budget))) == 1
+    assert len(list(iter_frames(encode(frames[1], "PNG"), limits=small, budget=budget))) == 1
+    with pytest.raises(ImageTooLargeError, match=r"^images\[2\]: 1 frame after 2 earlier ones "):
+        list(iter_frames(encode(frames[2], "PNG"), limits=small, field="images[2]", budget=budget))
+
+
+def test_a_request_must_fit_one_frame_at_the_per_frame_limit():
+    with pytest.raises(ValueError, match=r"max_total_pixels \(25,000\) must be at least max_pi"):
+        ImageLimits(max_total_pixels=25_000)
 
 
 def test_limits_must_be_positive():
@@ -520,6 +536,10 @@ def fuzz_seeds() -> dict[str, bytes]:
     }
 
 
+# Mutated headers may claim huge frames: keep the fuzz's decoding cheap.
+FUZZ_LIMITS = ImageLimits(max_pixels=4_000_000, max_total_pixels=4_000_000)
+
+
 def test_damaged_files_raise_only_image_errors():
     # A small seeded fuzz: truncations, bit flips and overwritten bytes of small files. Pillow
     # raises a dozen exception types on such input; callers must only ever see ImageError.
@@ -539,7 +559,7 @@ def test_damaged_files_raise_only_image_errors():
             else:
                 data = data[: max(1, i)]
         try:
-            decode_frames(bytes(data), limits=ImageLimits(max_total_pixels=4_000_000))
+            decode_frames(bytes(data), limits=FUZZ_LIMITS)
             outcomes["decoded"] += 1
         except ImageError:
             outcomes["refused"] += 1
