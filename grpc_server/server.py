@@ -31,6 +31,7 @@ from grpc_server.interceptors import (
     ReflectionInterceptor,
 )
 from grpc_server.metrics import Metrics
+from grpc_server.reflection import enable_documented_reflection
 from grpc_server.servicer import ActionRecognitionServicer
 from har_flax.proto.har.v1 import har_pb2, har_pb2_grpc
 
@@ -256,7 +257,7 @@ class HarServer:
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._reflection is not None:
-            reflection.enable_server_reflection(
+            enable_documented_reflection(
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
         address = f"{c.host}:{c.port}"

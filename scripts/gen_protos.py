@@ -1,4 +1,5 @@
-"""Generates the committed Python gRPC modules in har_flax/proto/ from protos/ (grpcio-tools).
+"""Generates the committed Python gRPC modules in har_flax/proto/ from protos/ (grpcio-tools),
+and descriptors.binpb there: the descriptors with their comments, which server reflection serves.
 
 The one way to regenerate: `python scripts/gen_protos.py` (or `make protos`). A test regenerates
 into a temporary folder and fails on any difference with the committed files.
@@ -29,6 +30,8 @@ the model:
     from har_flax.proto.har.v1 import har_pb2, har_pb2_grpc
 """
 '''
+# Every .proto's FileDescriptorProto with source info (comments), as a FileDescriptorSet.
+DESCRIPTOR_SET = "descriptors.binpb"
 SUB_INIT = '"""Generated package (see har_flax/proto/__init__.py)."""\n'
 
 
@@ -71,6 +74,10 @@ def generate(out_dir: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
             f"--python_out={tmp}",
             f"--pyi_out={tmp}",
             f"--grpc_python_out={tmp}",
+            # The descriptors with their comments, for server reflection: the generated
+            # modules' descriptors have none, so `grpcurl describe` would show bare fields.
+            f"--descriptor_set_out={Path(tmp) / DESCRIPTOR_SET}",
+            "--include_source_info",
             *[str(f) for f in files],
         ]
         if protoc.main(args) != 0:
@@ -83,11 +90,14 @@ def generate(out_dir: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
             shutil.rmtree(out_dir / top, ignore_errors=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
-        for src in sorted(tmp_path.rglob("*.py*")):
+        for src in sorted([*tmp_path.rglob("*.py*"), tmp_path / DESCRIPTOR_SET]):
             rel = src.relative_to(tmp_path)
             dst = out_dir / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_text(_rewrite_imports(src.read_text(), top_packages))
+            if src.suffix == ".binpb":
+                dst.write_bytes(src.read_bytes())
+            else:
+                dst.write_text(_rewrite_imports(src.read_text(), top_packages))
             written.append(rel)
         (out_dir / "__init__.py").write_text(ROOT_INIT)
         written.append(Path("__init__.py"))

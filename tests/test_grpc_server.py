@@ -25,6 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_support import REPO, ServerProcess, probabilities, rich_details, stub
 from PIL import Image
 
+from grpc_server.config import ServerConfig
+from grpc_server.server import HarServer
 from har_flax.proto.har.v1 import har_pb2
 
 pytestmark = pytest.mark.slow
@@ -98,6 +100,11 @@ def test_grpcurl_lists_describes_and_calls_every_method(server, cat_jpeg):
         assert rpc in described
     request_type = _grpcurl(server, "describe", "har.v1.PredictRequest")
     assert "repeated bytes images = 1;" in request_type and "int32 top_k = 2;" in request_type
+    # With the .proto's comments: an operator reads the contract without the file.
+    assert "// Encoded images: JPEG, PNG, WebP, GIF or BMP." in request_type
+    assert "// Classifies one still image or one sequence of frames." in described
+    health = _grpcurl(server, "describe", "grpc.health.v1.Health")
+    assert "rpc Check" in health and "rpc List" in health
 
     health = json.loads(_grpcurl(server, "har.v1.ActionRecognition/Health"))
     assert health["status"] == "SERVING"
@@ -166,6 +173,27 @@ def test_node_client_sees_status_codes(server, tmp_path):
     assert proc.returncode == 2
     error = json.loads(proc.stdout)["error"]
     assert error["code"] == "INVALID_ARGUMENT" and "images[0]" in error["details"]
+    # The rich details, decoded from grpc-status-details-bin as a Node user would.
+    assert error["reason"] == "INVALID_IMAGE" and error["domain"] == "har.v1"
+    [violation] = error["field_violations"]
+    assert violation["field"] == "images[0]" and "text" in violation["description"]
+    assert "retry_delay_s" not in error
+    # A server still loading its model: UNAVAILABLE with a RetryInfo.
+    loading = HarServer(ServerConfig(host="127.0.0.1", port=0, grace_s=1, drain_s=0))
+    loading.start()
+    try:
+        proc = subprocess.run(
+            ["node", "client.js", f"127.0.0.1:{loading.port}", str(text)],
+            cwd=NODE_CLIENT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        loading.stop()
+    error = json.loads(proc.stdout)["error"]
+    assert error["code"] == "UNAVAILABLE" and error["reason"] == "MODEL_LOADING"
+    assert error["retry_delay_s"] > 0
 
 
 def test_standard_health_client(server):

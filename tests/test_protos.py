@@ -63,3 +63,20 @@ def test_contract_names_are_stable():
     }  # fmt: skip
     for message, names in fields.items():
         assert [f.name for f in har_pb2.DESCRIPTOR.message_types_by_name[message].fields] == names
+
+
+def test_reflection_serves_the_generated_descriptors_plus_comments():
+    """descriptors.binpb, as served by reflection, is the generated module's descriptor with the
+    .proto's comments added: no field, name or JSON name differs."""
+    from google.protobuf import descriptor_pb2
+
+    from grpc_server.reflection import documented_files
+    from har_flax.proto.har.v1 import har_pb2
+
+    served = descriptor_pb2.FileDescriptorProto.FromString(documented_files()["har/v1/har.proto"])
+    comments = {loc.leading_comments.strip() for loc in served.source_code_info.location}
+    assert "Classifies one still image or one sequence of frames." in " ".join(comments)
+    generated = descriptor_pb2.FileDescriptorProto()
+    har_pb2.DESCRIPTOR.CopyToProto(generated)
+    served.ClearField("source_code_info")
+    assert served == generated

@@ -4,16 +4,57 @@
 //
 //   node client.js HOST:PORT IMAGE [IMAGE...] [--top-k N] [--token T]
 //
-// Prints one JSON object: {"classes": {...}, "predict": {...}} on success, or
-// {"error": {"code": "INVALID_ARGUMENT", "details": "..."}} and exit code 2 on a gRPC error.
+// Prints one JSON object: {"classes": {...}, "predict": {...}} on success, or, with exit code 2
+// on a gRPC error, {"error": {"code": "INVALID_ARGUMENT", "details": "...", "reason": ...,
+// "field_violations": [...], "retry_delay_s": ...}}: the status details decoded from the
+// grpc-status-details-bin trailer (a google.rpc.Status holding ErrorInfo, BadRequest, RetryInfo).
 "use strict";
 
 const fs = require("fs");
 const path = require("path");
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
+const protobuf = require("protobufjs");
 
 const PROTO_ROOT = path.resolve(__dirname, "..", "..", "protos");
+// google/rpc/{status,error_details}.proto from googleapis (see googleapis/SOURCE.md).
+const GOOGLEAPIS = path.join(__dirname, "googleapis");
+
+function loadStatusTypes() {
+  const root = new protobuf.Root();
+  root.resolvePath = (origin, target) =>
+    fs.existsSync(path.join(GOOGLEAPIS, target))
+      ? path.join(GOOGLEAPIS, target)
+      : protobuf.util.path.resolve(origin, target); // google/protobuf/*: bundled
+  root.loadSync(["google/rpc/status.proto", "google/rpc/error_details.proto"]);
+  return root;
+}
+
+// The rich error model: what the server put in the grpc-status-details-bin trailer.
+function statusDetails(err) {
+  const out = {};
+  const raw = err.metadata && err.metadata.get("grpc-status-details-bin")[0];
+  if (!raw) return out;
+  const root = loadStatusTypes();
+  const status = root.lookupType("google.rpc.Status").decode(raw);
+  for (const any of status.details) {
+    const typeName = any.type_url.slice(any.type_url.lastIndexOf("/") + 1);
+    const message = root.lookupType(typeName).decode(any.value);
+    if (typeName === "google.rpc.ErrorInfo") {
+      out.reason = message.reason;
+      out.domain = message.domain;
+    } else if (typeName === "google.rpc.BadRequest") {
+      out.field_violations = message.fieldViolations.map((v) => ({
+        field: v.field,
+        description: v.description,
+      }));
+    } else if (typeName === "google.rpc.RetryInfo") {
+      const d = message.retryDelay;
+      out.retry_delay_s = Number(d.seconds || 0) + (d.nanos || 0) / 1e9;
+    }
+  }
+  return out;
+}
 
 function parseArgs(argv) {
   const args = { images: [], topK: 0, token: null };
@@ -50,9 +91,9 @@ async function main() {
     defaults: true,
   });
   const har = grpc.loadPackageDefinition(definition).har.v1;
-  const client = new har.ActionRecognition(args.target, grpc.credentials.createInsecure(), {
-    "grpc.max_send_message_length": 64 * 1024 * 1024,
-  });
+  // No message size options: gRPC sends any size by default (the server's limit is 16 MiB),
+  // and replies are small.
+  const client = new har.ActionRecognition(args.target, grpc.credentials.createInsecure());
   const metadata = new grpc.Metadata();
   if (args.token) metadata.set("authorization", `Bearer ${args.token}`);
   try {
@@ -66,7 +107,7 @@ async function main() {
     console.log(JSON.stringify({ classes, predict }));
   } catch (err) {
     const code = Object.keys(grpc.status).find((k) => grpc.status[k] === err.code);
-    console.log(JSON.stringify({ error: { code, details: err.details } }));
+    console.log(JSON.stringify({ error: { code, details: err.details, ...statusDetails(err) } }));
     process.exitCode = 2;
   } finally {
     client.close();

@@ -82,14 +82,16 @@ class ActionRecognitionServicer:
     def Predict(self, request, context):
         """Classifies one still image or one sequence of frames.
 
-        Errors: INVALID_ARGUMENT (an image that cannot be decoded, is too small, a bad top_k),
+        Errors: INVALID_ARGUMENT (an image that cannot be decoded, is too small, a bad top_k, bytes
+        that are not a PredictRequest),
         RESOURCE_EXHAUSTED (too many bytes, pixels or frames; server overloaded),
         UNAVAILABLE (model not loaded yet or shutting down), UNAUTHENTICATED (missing or wrong
         token when auth is on), DEADLINE_EXCEEDED. The status details (google.rpc.Status in the
         grpc-status-details-bin trailer) carry a google.rpc.ErrorInfo (domain "har.v1", a stable
         reason such as INVALID_IMAGE, IMAGE_TOO_LARGE, OVERLOADED, RATE_LIMITED, MODEL_LOADING),
         a google.rpc.BadRequest naming the field and frame at fault, and a google.rpc.RetryInfo
-        where retrying later helps.
+        where retrying later helps: retry only calls that carry one (RESOURCE_EXHAUSTED also
+        means requests that can never succeed, such as IMAGE_TOO_LARGE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
