@@ -161,6 +161,7 @@ class LinearProbe:
     bias: np.ndarray  # (K,)
     mean: np.ndarray  # (D,)
     scale: np.ndarray  # (D,)
+    num_examples: int  # N it was fitted on
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         """float32 (N, K) for float (N, D) features."""
@@ -219,7 +220,7 @@ def fit_linear_probe(
         return p
 
     p = jax.device_get(run(params))
-    return LinearProbe(np.asarray(p["w"]), np.asarray(p["b"]), mean, scale)
+    return LinearProbe(np.asarray(p["w"]), np.asarray(p["b"]), mean, scale, len(x))
 
 
 # --- The report ----------------------------------------------------------------------------------
@@ -363,6 +364,7 @@ def _linear_probe(
             f"({train_x.shape[1]}-d, {source} weights, {config.model.image_size}px), "
             "fitted on the same training split"
         ),
+        "train_examples": probe.num_examples,
         "train_accuracy": float(
             np.mean(probe.logits(train_x).argmax(axis=1) == np.asarray(splits.train.labels))
         ),
@@ -511,11 +513,18 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def row_rates(cm: np.ndarray) -> np.ndarray:
+    """(K, K) confusion counts -> each true class's share per predicted class (rows sum to 1;
+    a class without examples is a row of zeros)."""
+    cm = np.asarray(cm, np.float64)
+    return _safe_div(cm, cm.sum(axis=1, keepdims=True).repeat(cm.shape[1], axis=1))
+
+
 def confusion_png(metrics: dict[str, Any]) -> bytes:
     """A heat map of the row-normalised confusion matrix, counts written in the cells."""
     plt = _pyplot()
     cm = np.asarray(metrics["confusion_matrix"], np.float64)
-    rates = _safe_div(cm, cm.sum(axis=1, keepdims=True).repeat(cm.shape[1], axis=1))
+    rates = row_rates(cm)
     k = len(metrics["classes"])
     side = max(4.0, 0.55 * k + 2)
     fig, ax = plt.subplots(figsize=(side + 1, side))

@@ -76,6 +76,51 @@ def test_metrics_reject_bad_input():
         ev.classification_metrics([0, 1, 2], [0, 1], CLASSES)
     with pytest.raises(ValueError, match=r"class indices in \[0, 4\)"):
         ev.classification_metrics([0, 1], [0, 7], CLASSES)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 4\)"):  # K itself is one past
+        ev.classification_metrics([0, 4], [0, 1], CLASSES)
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true:UserWarning")
+def test_markdown_and_heat_map_show_the_metrics_they_are_given(fixed_predictions):
+    """Every number of report.md comes from the right entry of the metrics: the summary rows,
+    the per-class table and the confusion matrix with true classes as rows."""
+    y_true, y_pred = fixed_predictions
+    m = ev.classification_metrics(y_true, y_pred, CLASSES)
+    probe = ev.classification_metrics(y_true, np.zeros_like(y_pred), CLASSES)
+    report = {"model_dir": "m", "split": "validation", "model": m,
+              "linear_probe": {"description": "probe", "metrics": probe},
+              "fine_tuning_gain": m["accuracy"] - probe["accuracy"]}  # fmt: skip
+    rows = {}
+    for line in ev.to_markdown(report).splitlines():
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        rows.setdefault(cells[0], cells[1:])
+    for name, get in (("accuracy", lambda r: r["accuracy"]),
+                      ("balanced accuracy", lambda r: r["balanced_accuracy"]),
+                      ("macro F1", lambda r: r["macro_avg"]["f1"]),
+                      ("weighted F1", lambda r: r["weighted_avg"]["f1"])):  # fmt: skip
+        assert rows[name] == [f"{get(m):.4f}", f"{get(probe):.4f}"], name
+    assert m["macro_avg"]["f1"] != pytest.approx(m["weighted_avg"]["f1"], abs=1e-3)
+    for name in CLASSES:
+        r = m["per_class"][name]
+        want = [f"{r[k]:.4f}" for k in ("precision", "recall", "f1", "accuracy")]
+        assert rows[name][:4] == want and rows[name][4] == str(r["support"])
+        # The confusion matrix's row of this class: true `name`, counts per predicted class.
+        i = CLASSES.index(name)
+        assert rows[f"{name}"] and [int(v) for v in _md_matrix_row(report, name)] == [
+            int(v) for v in np.asarray(m["confusion_matrix"])[i]
+        ]
+    assert not np.array_equal(m["confusion_matrix"], np.asarray(m["confusion_matrix"]).T)
+    # The heat map's colours: each true class's row of rates sums to 1 (0 for an absent class).
+    rates = ev.row_rates(m["confusion_matrix"])
+    np.testing.assert_allclose(rates.sum(axis=1), [1, 1, 1, 0])
+    np.testing.assert_allclose(rates[1], np.asarray(m["confusion_matrix"])[1] / (y_true == 1).sum())
+
+
+def _md_matrix_row(report, name):
+    lines = ev.to_markdown(report).splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith("## Confusion matrix"))
+    row = next(x for x in lines[start:] if x.startswith(f"| **{name}** |"))
+    return [c.strip() for c in row.strip("|").split("|")][1:]
 
 
 def test_linear_probe_matches_sklearn_logistic_regression():
@@ -131,9 +176,10 @@ def test_evaluate_writes_report_and_submission(run, tmp_path):
     assert m["num_examples"] == len(splits.val)
     assert sum(sum(row) for row in m["confusion_matrix"]) == len(splits.val)
     assert report["model_version"] == "test-1"
-    # The baseline: ImageNet features of the same split, 1280-d.
+    # The baseline: ImageNet features of the same split, 1280-d, fitted on the training part.
     assert "1280-d" in report["linear_probe"]["description"]
     assert report["linear_probe"]["metrics"]["num_examples"] == len(splits.val)
+    assert report["linear_probe"]["train_examples"] == len(splits.train) != len(splits.val)
     assert report["fine_tuning_gain"] == pytest.approx(
         m["accuracy"] - report["linear_probe"]["metrics"]["accuracy"]
     )
@@ -148,6 +194,14 @@ def test_evaluate_writes_report_and_submission(run, tmp_path):
     assert rows[0] == ["filename", "label"]
     assert [r[0] for r in rows[1:]] == expected
     assert {r[1] for r in rows[1:]} <= set(splits.classes)
+    # Each label is what the served model answers for that image file (the Predictor decodes
+    # and resizes as the data pipeline does).
+    from har_flax.predictor import Predictor
+
+    predictor = Predictor.load(work / "model", batch_sizes=(1,), warmup=False)
+    for filename, label in rows[1:]:
+        [(best, _), *_] = predictor.predict([(data / "test" / filename).read_bytes()])
+        assert label == best, filename
     assert (data / TEST_LABELS_CSV).exists()
     assert report["submission"] == {
         "file": "submission.csv", "rows": 5, "testing_set_rows": 5, "missing": [],
