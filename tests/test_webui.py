@@ -318,8 +318,11 @@ def test_upload_mistakes_are_400_with_a_message(client):
     assert "'file'" in body["error"]
     body = assert_json_error(upload(client, (b"", "empty.jpg")), 400)
     assert "empty.jpg is empty" in body["error"]
-    body = assert_json_error(upload(client, (jpeg(64, 64), "a.jpg"), top_k="many"), 400)
-    assert "top_k" in body["error"]
+    for top_k in ("many", "-1", "1.5"):
+        body = assert_json_error(upload(client, (jpeg(64, 64), "a.jpg"), top_k=top_k), 400)
+        assert body["error"] == (
+            f"top_k must be a whole number >= 0 (0 = all classes), got {top_k!r}"
+        ), body
 
 
 def test_a_text_file_is_400_naming_the_file(client):
@@ -352,6 +355,10 @@ def test_too_many_pixels_for_the_model_server_is_413(client):
 def test_a_body_over_max_content_length_is_413_json(tiny):
     client = make_app(tiny.target, HAR_MAX_UPLOAD_MB=0.05).test_client()
     body = assert_json_error(upload(client, (b"\xff" * 60_000, "big.jpg")), 413)
+    assert "0.05 MiB" in body["error"]
+    # The limit is on the files together: two frames under it each, over it together.
+    frames = [(b"\xff" * 30_000, "a.jpg"), (b"\xff" * 30_000, "b.jpg")]
+    body = assert_json_error(upload(client, *frames), 413)
     assert "0.05 MiB" in body["error"]
     # A body past MAX_CONTENT_LENGTH (files plus the form's framing) is refused unread.
     body = assert_json_error(upload(client, (b"\xff" * (2 * MiB), "bigger.jpg")), 413)
