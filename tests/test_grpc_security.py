@@ -179,6 +179,12 @@ def test_rate_limit_per_client_with_retry_info(predictor):
         assert codes[:2] == [grpc.StatusCode.OK] * 2
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes[2:]
         assert retry["reason"] == "RATE_LIMITED" and 0 < retry["retry_s"] <= 0.5 + 1e-6
+        # The bucket is the client's address, not its connection: a new connection (another
+        # source port) is refused too.
+        other = stub(f"127.0.0.1:{server.port}", **{"grpc.use_local_subchannel_pool": 1})
+        with pytest.raises(grpc.RpcError) as e:
+            other.Classes(har_pb2.ClassesRequest(), timeout=10)
+        assert rich_details(e.value)["reason"] == "RATE_LIMITED"
         # Health is never rate limited; after the advised wait the client is served again.
         for _ in range(5):
             client.Health(har_pb2.HealthRequest(), timeout=10)

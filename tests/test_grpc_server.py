@@ -272,6 +272,9 @@ def _cases(photos, arrays):
     ok, bad = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
     big = grpc.StatusCode.RESOURCE_EXHAUSTED
     jpeg = photos["chelsea"]
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    noise_gif = _encode(noise[0], "GIF", save_all=True, append_images=noise[1:], duration=100)
     return {
         # name: (images, top_k, code, field, message word)
         "no images": ([], 0, bad, "images", "no images"),
@@ -289,6 +292,9 @@ def _cases(photos, arrays):
         "second frame bad": ([jpeg, b"junk"], 0, bad, "images[1]", "images[1]"),
         "negative top_k": ([jpeg], -1, bad, "top_k", "out of range"),
         "huge top_k": ([jpeg], 1_000_000, bad, "top_k", "out of range"),
+        "top_k one past the classes": ([jpeg], 1002, bad, "top_k", "out of range"),
+        "top_k every class": ([jpeg], 1001, ok, None, None),
+        "bad gif frame": ([noise_gif[: len(noise_gif) * 9 // 10]], 0, bad, "images[0]", "frame 2"),
         "decompression bomb": ([_bomb_png()], 0, big, "images[0]", "pixels"),
         "over --max-image-bytes": ([_noise_jpeg(1400)], 0, big, "images[0]", "MiB"),
         "too many frames": (
@@ -321,7 +327,8 @@ def _cases(photos, arrays):
 
 CASE_NAMES = [
     "no images", "empty bytes", "truncated jpeg", "text file", "pdf", "1x1 image",
-    "second frame bad", "negative top_k", "huge top_k", "decompression bomb",
+    "second frame bad", "negative top_k", "huge top_k", "top_k one past the classes",
+    "top_k every class", "bad gif frame", "decompression bomb",
     "over --max-image-bytes", "too many frames", "rgba png", "cmyk jpeg", "grayscale jpeg",
     "16-bit grayscale png", "palette + transparency png", "animated gif",
 ]  # fmt: skip
@@ -350,6 +357,8 @@ def test_bad_input_table(name, client, photos, photo_arrays):
         details = rich_details(err)
         assert details["violations"] and details["violations"][0][0] == field
         assert details["reason"]
+        if name == "bad gif frame":  # BadRequest names fields; the frame is in the description
+            assert details["violations"][0][1].startswith("frame 2: truncated or corrupt GIF")
     # Still serving after every case.
     health = client.Health(har_pb2.HealthRequest(), timeout=10)
     assert health.status == har_pb2.HealthResponse.SERVING
