@@ -16,6 +16,7 @@ from grpc_server.batcher import (
     CancelledError,
     DynamicBatcher,
     QueueFullError,
+    Ticket,
 )
 
 
@@ -68,6 +69,27 @@ def test_first_request_waits_max_wait_for_company():
     assert (t1.result(5), t2.result(5)) == (4, 9)
     assert model.calls == [[2, 3]]
     b.close(5)
+
+
+def test_a_request_that_waited_for_a_busy_model_does_not_wait_again_for_company():
+    """max_wait counts from arrival: on a busy server, waiting in the queue is that wait."""
+    model = GatedModel()
+    b = DynamicBatcher(model, max_batch_size=8, max_wait_us=500_000, max_queue=8)
+    _busy(model, b)
+    queued = b.submit(3)
+    time.sleep(0.6)  # longer than max_wait, behind the busy model
+    released = time.monotonic()
+    model.release()
+    assert queued.result(5) == 9
+    assert time.monotonic() - released < 0.3  # run at once, not after another 0.5 s
+    assert model.calls == [[0], [3]]
+    b.close(5)
+
+
+def test_a_deadline_expires_at_its_instant():
+    ticket = Ticket(sample=1, deadline=100.0)
+    assert not ticket.expired(99.999) and ticket.expired(100.0) and ticket.expired(100.001)
+    assert not Ticket(sample=1, deadline=None).expired(1e12)
 
 
 def test_full_queue_is_refused():
