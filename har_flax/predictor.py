@@ -85,6 +85,13 @@ def frame_indices(num_available: int, num_frames: int) -> np.ndarray:
     return np.minimum(centres.astype(np.int64), num_available - 1)
 
 
+def ranked(probabilities: np.ndarray, classes: Sequence[str]) -> Prediction:
+    """``(class, probability)`` for (K,) probabilities, most probable first; ties keep class
+    order, so equal scores always come out the same way."""
+    order = np.argsort(-probabilities, kind="stable")
+    return [(classes[j], float(probabilities[j])) for j in order]
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64)
     z = np.exp(z - z.max(axis=-1, keepdims=True))
@@ -503,12 +510,7 @@ class Predictor:
             )  # fmt: skip
         else:
             logits = self._logits(np.stack(arrays))  # (B, K)
-        probs = _softmax(logits)
-        results = []
-        for p in probs:
-            order = np.argsort(-p, kind="stable")
-            results.append([(self.classes[j], float(p[j])) for j in order])
-        return results
+        return [ranked(p, self.classes) for p in _softmax(logits)]
 
     def predict(self, images: Sequence[bytes]) -> Prediction:
         """Classifies one request: :meth:`prepare` then :meth:`predict_samples`.

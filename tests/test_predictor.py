@@ -579,3 +579,10 @@ def test_predict_script_classifies_the_bundled_photo():
     assert "imagenet-mobilenet-v2" in proc.stdout and "cat.jpg" in proc.stdout
     top1 = next(line for line in lines if line.strip().startswith("1."))
     assert any(c in top1 for c in CAT_CLASSES), proc.stdout
+
+
+def test_answers_are_ranked_most_probable_first_and_ties_keep_class_order():
+    from har_flax.predictor import ranked
+
+    p = np.array([0.25, 0.125, 0.25, 0.375])
+    assert ranked(p, ("a", "b", "c", "d")) == [("d", 0.375), ("a", 0.25), ("c", 0.25), ("b", 0.125)]
