@@ -135,13 +135,16 @@ def save_model(
 
     Raises:
       CheckpointError: ``path`` is a file, or a directory holding something else than a model.
-      ValueError: ``classes`` does not match ``config``.
+      ValueError: ``classes`` does not match ``config``, or ``metadata`` would set
+        ``classes`` or ``kind`` (which would relabel the outputs).
     """
     path = Path(path)
     if len(classes) != config.model.num_classes:
         raise ValueError(
             f"{len(classes)} class names for a model with {config.model.num_classes} outputs"
         )
+    if clash := sorted({"classes", "kind"} & set(metadata or {})):
+        raise ValueError(f"metadata cannot set {clash}: pass classes and kind as arguments")
     # The real name: "." or "runs/.." cannot be renamed, and the siblings go beside the target.
     path = path.resolve()
     check_model_destination(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,3 +91,51 @@ def test_bad_input_is_explained():
     for aspect in (0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="max_aspect must be finite and >= 1"):
             AugmentConfig(max_aspect=aspect)
+
+
+def _only(**ranges) -> AugmentConfig:
+    """No transformation but the ones named."""
+    return AugmentConfig(**{**dataclasses.asdict(NONE), **ranges})
+
+
+def test_full_area_crop_of_another_aspect_stretches_one_axis_only():
+    # A crop of the whole area but another aspect keeps one full side: the picture is stretched
+    # along one axis and untouched along the other (a crop sized as sqrt(area * aspect) on both
+    # sides would zoom both ways or neither). Channel 0 varies along x only, channel 1 along y.
+    h, w = 48, 64
+    ramps = np.zeros((8, 1, h, w, 3), np.float32)
+    ramps[..., 0] = np.linspace(0, 255, w)[None, :]
+    ramps[..., 1] = np.linspace(0, 255, h)[:, None]
+    out = np.asarray(augment(ramps, jax.random.key(0), _only(max_aspect=2.0)))
+    for b in range(len(ramps)):
+        kept = [np.allclose(out[b, ..., c], ramps[b, ..., c], atol=0.5) for c in (0, 1)]
+        assert kept in ([True, False], [False, True]), (b, kept)
+
+
+def test_contrast_scales_each_frame_around_its_own_mean():
+    # A dark frame then a bright one: each keeps its own mean brightness (no fading of the
+    # clip's brightness change), and both get the same factor.
+    tex = np.random.default_rng(0).uniform(-20, 20, size=(16, 16, 3))
+    clip = np.stack([60 + tex, 180 + tex[::-1]]).astype(np.float32)  # (T=2, H, W, C)
+    batch = np.stack([clip] * 4)
+    out = np.asarray(augment(batch, jax.random.key(0), _only(contrast=0.5)))
+    mean = clip.mean(axis=(1, 2, 3), keepdims=True)
+    factors = []
+    for y in out:
+        d0, x0 = y[0] - mean[0], clip[0] - mean[0]
+        factor = (d0 * x0).sum() / (x0 * x0).sum()  # least squares from frame 0
+        np.testing.assert_allclose(y, mean + factor * (clip - mean), atol=0.01)
+        factors.append(factor)
+    assert max(abs(f - 1) for f in factors) > 0.1, factors
+
+
+def test_saturation_keeps_each_pixels_luma():
+    # Saturation blends with the ITU-R 601 grey (0.299 R + 0.587 G + 0.114 B, written out here),
+    # so a reddish and a bluish pixel keep their own luma whatever the factor.
+    luma = np.array([0.299, 0.587, 0.114])
+    image = np.zeros((16, 16, 3), np.float32)
+    image[:8], image[8:] = (150, 50, 50), (50, 50, 150)
+    batch = np.stack([image[None]] * 4)  # (B=4, T=1, H, W, C)
+    out = np.asarray(augment(batch, jax.random.key(0), _only(saturation=0.9)))
+    np.testing.assert_allclose(out @ luma, batch @ luma, atol=0.1)
+    assert np.abs(out - batch).max() > 10  # the colours did change

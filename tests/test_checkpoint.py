@@ -50,6 +50,21 @@ def test_round_trip_keeps_config_classes_metadata_and_arrays(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_class_order_is_kept_as_given(tmp_path):
+    # Index i is logit i: names out of alphabetical order must not be sorted (that relabels).
+    classes = ["texting", "calling", "sleeping"]
+    checkpoint.save_model(tmp_path / "m", config=tiny(), classes=classes, variables=_variables(0))
+    saved = json.loads((tmp_path / "m" / checkpoint.LABELS_FILE).read_text())
+    assert saved["classes"] == classes
+    assert checkpoint.load_model(tmp_path / "m")[1]["classes"] == classes
+    # Extra facts cannot relabel the outputs either.
+    for key in ("classes", "kind"):
+        with pytest.raises(ValueError, match=rf"metadata cannot set \['{key}'\]"):
+            checkpoint.save_model(tmp_path / "n", config=tiny(), classes=classes,
+                                  variables=_variables(0), metadata={key: "x"})  # fmt: skip
+    assert not (tmp_path / "n").exists()
+
+
 def test_saving_again_replaces_the_whole_directory(tmp_path):
     path = tmp_path / "model"
     checkpoint.save_model(path, config=tiny(), classes=CLASSES, variables=_variables(0))
@@ -156,6 +171,23 @@ def test_a_directory_of_other_files_is_never_replaced_by_a_model(tmp_path):
             tmp_path / "empty", config=tiny(), classes=CLASSES, variables=_variables(0)
         )
     assert checkpoint.load_model(tmp_path / "empty")[1]["classes"] == CLASSES
+
+
+@pytest.mark.parametrize("present", [["config.json"], ["labels.json", "variables"]])
+def test_a_directory_with_only_some_model_files_is_not_a_model(tmp_path, present):
+    # A user's folder that happens to hold a config.json (say) is not replaced by a model.
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("precious")
+    for name in present:
+        if name == checkpoint.VARIABLES_DIR:
+            (home / name).mkdir()
+        else:
+            (home / name).write_text("{}")
+    with pytest.raises(checkpoint.CheckpointError, match="exists and is not a model directory"):
+        checkpoint.save_model(home, config=tiny(), classes=CLASSES, variables=_variables(0))
+    assert (home / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in home.iterdir()) == sorted(["notes.txt", *present])
 
 
 def test_leftovers_of_killed_saves_are_removed_by_the_next_save(tmp_path):

@@ -207,6 +207,19 @@ def test_spreadsheet_csv_dialects_read_as_meant(data, tmp_path):
     assert len(splits.test) == 0
 
 
+def test_csv_columns_are_found_by_header_name_in_any_order(data, tmp_path):
+    """`label,filename` (or an extra column first) reads each image with its own label."""
+    rows = _read(data / "Training_set.csv")
+    label_of = dict(rows[1:])
+    header = ["Label", "source", "Filename"]
+    _write(data / "Training_set.csv", [header] + [[lbl, "phone", f] for f, lbl in rows[1:]])
+    splits = load_splits(data, tmp_path, image_size=32, data_config=DataConfig())
+    for source in (splits.train, splits.val):
+        got = {f: splits.classes[y] for f, y in zip(source.filenames, source.labels, strict=True)}
+        assert got == {f: label_of[f] for f in source.filenames}
+    assert sorted(splits.train.filenames + splits.val.filenames) == sorted(label_of)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

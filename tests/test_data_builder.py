@@ -110,6 +110,18 @@ def test_prepared_once_and_rebuilt_when_the_data_changes(data_dir, tmp_path):
     np.testing.assert_array_equal(source[i]["image"], _reference(data / "train/Image_1.jpg", 32))
 
 
+def test_an_image_rewritten_at_the_same_size_changes_the_fingerprint(data_dir, tmp_path):
+    # Re-saved in place (same name, same byte count, new pixels and time): not stale arrays.
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    image = data / "train" / "Image_2.jpg"
+    before, size, mtime = fingerprint(data), image.stat().st_size, image.stat().st_mtime_ns
+    image.write_bytes(bytes(b ^ 0xFF for b in image.read_bytes()))
+    os.utime(image, ns=(mtime + 10**9, mtime + 10**9))
+    assert image.stat().st_size == size
+    assert fingerprint(data) != before
+
+
 def test_works_without_tensorflow(data_dir, tmp_path):
     """Builds and reads in a fresh interpreter where TensorFlow is not installed, nor imported.
 

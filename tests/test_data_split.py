@@ -25,6 +25,9 @@ def test_stratified_per_class_counts():
     # round(n * 0.3) per class: a 3, b 2, c 1 (never 0 nor n).
     assert collections.Counter(label[f] for f in val) == {"a": 3, "b": 2, "c": 1}
     assert collections.Counter(label[f] for f in train) == {"a": 7, "b": 5, "c": 2}
+    # Rounded to the nearest, not truncated: 7 * 0.4 = 2.8 holds out 3 of b.
+    _, val = stratified_split(FILES, LABELS, fraction=0.4, seed=0)
+    assert collections.Counter(label[f] for f in val) == {"a": 4, "b": 3, "c": 1}
     # Tiny classes keep one image on each side.
     _, val = stratified_split(["x", "y", "z", "w"], ["p", "p", "q", "q"], fraction=0.1, seed=0)
     assert len(val) == 2
@@ -68,6 +71,18 @@ def test_persisted_and_checked(tmp_path):
     (tmp_path / SPLIT_FILE).write_text("{not json")
     with pytest.raises(DataError, match="unreadable"):
         load_or_create_split(tmp_path, FILES, LABELS, fraction=0.3, seed=1)
+
+
+def test_a_split_file_with_an_image_on_both_sides_is_refused(tmp_path):
+    # An edited split.json would leak that validation image into training.
+    load_or_create_split(tmp_path, FILES, LABELS, fraction=0.3, seed=1)
+    saved = json.loads((tmp_path / SPLIT_FILE).read_text())
+    saved["train"].append(saved["val"][0])
+    (tmp_path / SPLIT_FILE).write_text(json.dumps(saved))
+    for evaluating in (False, True):
+        with pytest.raises(DataError, match="puts some images in both train and val"):
+            load_or_create_split(tmp_path, FILES, LABELS, fraction=0.3, seed=1,
+                                 evaluating=evaluating)  # fmt: skip
 
 
 def test_load_splits_reuses_the_workdir_split(tmp_path):

@@ -379,6 +379,10 @@ def test_too_many_bytes(cat_jpeg):
     assert e.value.frame is None and e.value.limit == "max_bytes"
     assert f"{len(cat_jpeg):,} bytes (" in str(e.value)
     assert "over the limit of 10,000 bytes (10 KiB) per image" in str(e.value)
+    # The limit is exact: an image of max_bytes is accepted, one byte more is not.
+    assert len(decode_frames(cat_jpeg, limits=ImageLimits(max_bytes=len(cat_jpeg)))) == 1
+    with pytest.raises(ImageTooLargeError, match=f"{len(cat_jpeg):,} bytes .* over the limit"):
+        decode_frames(cat_jpeg, limits=ImageLimits(max_bytes=len(cat_jpeg) - 1))
 
 
 def test_too_many_frames():
