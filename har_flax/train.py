@@ -116,7 +116,7 @@ def learning_rate_schedules(
     """
     total = config.epochs * steps_per_epoch
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
-    stage1 = min(config.head_only_epochs, config.epochs) * steps_per_epoch
+    stage1 = _head_only_steps(config, steps_per_epoch)
     kind = config.lr_schedule
     if stage1 == 0:
         single = _warmup_then(config.learning_rate, warmup, total, kind)
@@ -127,6 +127,11 @@ def learning_rate_schedules(
     )
     backbone = optax.join_schedules([optax.constant_schedule(0.0), stage2], [stage1])
     return head, backbone
+
+
+def _head_only_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """The steps of stage 1 (head only, backbone frozen); 0 for a single stage."""
+    return min(config.head_only_epochs, config.epochs) * steps_per_epoch
 
 
 def _param_groups(params: Any) -> Any:
@@ -170,8 +175,19 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
 
     With ``lr_schedule="plateau"``: ``chain(that, scale_by_plateau)``, whose state is
     ``(groups, ReduceLROnPlateauState)``.
+
+    Each group's schedule reads that group's own step count. The head's counts every step; the
+    backbone's only the steps that train it (a frozen step leaves the backbone's state as it
+    was: :func:`_train_step`), so its AdamW starts afresh at stage 2, bias correction included,
+    and its count ``n`` is global step ``head_only_steps + n``. Both schedules advance on
+    skipped (non-finite) steps too, so they stay on the global step
+    (:func:`_check_schedule_counts`).
     """
-    head, backbone = learning_rate_schedules(config, steps_per_epoch)
+    head, backbone_by_step = learning_rate_schedules(config, steps_per_epoch)
+    stage1 = _head_only_steps(config, steps_per_epoch)
+
+    def backbone(count):
+        return backbone_by_step(count + stage1)
 
     def decay_mask(params):
         return jax.tree.map(lambda p: p.ndim > 1, params)
@@ -185,6 +201,58 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
     if config.lr_schedule == "plateau":
         return optax.chain(groups, scale_by_plateau(config))
     return groups
+
+
+def _groups_state(opt_state: Any) -> optax.MultiTransformState:
+    """The per-group part of a :func:`make_optimizer` state (also inside the plateau chain)."""
+    return opt_state if isinstance(opt_state, optax.MultiTransformState) else opt_state[0]
+
+
+def _with_group_state(opt_state: Any, group: str, group_state: Any) -> Any:
+    """``opt_state`` with the state of parameter group ``group`` replaced by ``group_state``."""
+    if isinstance(opt_state, optax.MultiTransformState):
+        return opt_state._replace(inner_states={**opt_state.inner_states, group: group_state})
+    groups, *rest = opt_state
+    return (_with_group_state(groups, group, group_state), *rest)
+
+
+def _schedule_counts(opt_state: Any) -> dict[str, jax.Array]:
+    """{group: the step count its learning-rate schedule reads}."""
+    counts = {}
+    for group, sub in _groups_state(opt_state).inner_states.items():
+        (schedule,) = [
+            x for x in jax.tree.leaves(sub, is_leaf=_is_schedule_state) if _is_schedule_state(x)
+        ]
+        counts[group] = schedule.count
+    return counts
+
+
+def _is_schedule_state(x: Any) -> bool:
+    return isinstance(x, optax.ScaleByScheduleState)
+
+
+def _check_schedule_counts(config: TrainConfig, steps_per_epoch: int, state: TrainState) -> None:
+    """Refuses an optimiser state whose schedules are not where ``state.step`` puts them.
+
+    The head's schedule count is the global step; the backbone's, the steps since stage 2
+    began (:func:`make_optimizer`). A checkpoint of an older version (whose backbone AdamW
+    counted the frozen steps, and whose schedules stood still on skipped steps) would resume
+    with shifted learning rates and a used-up Adam bias correction.
+
+    Raises:
+      ValueError: the counts differ; the message names them.
+    """
+    step = int(jax.device_get(state.step))
+    expected = {"head": step, "backbone": max(step - _head_only_steps(config, steps_per_epoch), 0)}
+    saved = jax.device_get(_schedule_counts(state.opt_state))
+    counts = {k: int(saved[k]) for k in expected}
+    if counts != expected:
+        raise ValueError(
+            f"the optimiser state at step {step} has learning-rate schedule counts {counts}, "
+            f"where this version of har-flax keeps {expected}: the checkpoint was written by "
+            "an older version, which counted them differently, and cannot be resumed; train "
+            "in a new --workdir"
+        )
 
 
 def plateau_scale(config: TrainConfig, opt_state: Any) -> jax.Array | float:
@@ -258,6 +326,7 @@ def _train_step(
             {"params": params, "batch_stats": state.batch_stats},
             images,
             train=True,
+            freeze_backbone=freeze_backbone,  # its BatchNorm in inference mode, as Keras does
             rngs={"dropout": dropout_key},
             mutable=["batch_stats"],
         )  # (B, K)
@@ -279,8 +348,9 @@ def _train_step(
         )
     grad_norm = optax.tree.norm(grads)
     # A step whose loss or gradient is not finite (an overflow, a diverging learning rate, a
-    # faulty kernel) is skipped: it changes nothing but the step counter, and the host counts
-    # it (see _NonFiniteGuard), so one bad batch cannot poison the weights for good.
+    # faulty kernel) is skipped: it changes nothing but the step counter (and the schedules'
+    # counts, which follow it), and the host counts it (see _NonFiniteGuard), so one bad batch
+    # cannot poison the weights for good.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     metrics = {
         "loss": loss,
@@ -292,16 +362,29 @@ def _train_step(
     }
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     if freeze_backbone:
-        # Frozen means unchanged, whatever the schedule says (weight decay included).
+        # Frozen means unchanged, whatever the schedule says (weight decay included), and so is
+        # the backbone's AdamW state: stepping it on zero gradients would advance its count, and
+        # so use up Adam's bias correction, before stage 2 trains it. (XLA drops the unused
+        # backbone update.)
         updates = {**updates, "backbone": jax.tree.map(jnp.zeros_like, updates["backbone"])}
+        frozen_state = _groups_state(state.opt_state).inner_states["backbone"]
+        opt_state = _with_group_state(opt_state, "backbone", frozen_state)
 
     def keep_if_bad(new, old):
         return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
+    def keep_if_bad_but_schedules(new, old):
+        # A skipped step keeps the moments (and Adam's count, their bias correction) but the
+        # schedules move on with the step, so the next step applies its own step's rate: the
+        # rate it logs, and the rate of a run that was not skipped.
+        return new if _is_schedule_state(new) else keep_if_bad(new, old)
+
     state = state.replace(
         step=state.step + 1,
         params=keep_if_bad(optax.apply_updates(state.params, updates), state.params),
-        opt_state=keep_if_bad(opt_state, state.opt_state),
+        opt_state=jax.tree.map(
+            keep_if_bad_but_schedules, opt_state, state.opt_state, is_leaf=_is_schedule_state
+        ),
         batch_stats=keep_if_bad(batch_stats, state.batch_stats),
     )
     return state, metrics
@@ -320,7 +403,10 @@ def make_train_step(
     ``batch`` is ``{"image": uint8 (B, T, H, W, 3), "label": int32 (B,)}``; ``rng`` is the run's
     root key, folded with ``state.step`` inside, so a step's randomness depends only on the seed
     and the step. Metrics are scalars: loss (with label smoothing), accuracy, learning_rate,
-    grad_norm, skipped (the loss or gradient was not finite, so nothing was updated) and step.
+    grad_norm, skipped (the loss or gradient was not finite, so nothing was updated but the
+    schedules' position) and step. ``learning_rate`` is the head's rate this step applied.
+    ``freeze_backbone``: a head-only (stage 1) step, which leaves the backbone's weights,
+    BatchNorm statistics and optimiser state as they are.
     Cached on its (hashable) arguments, so a second run in one process does not recompile.
     """
     head, _ = learning_rate_schedules(config.train, steps_per_epoch)
@@ -624,6 +710,9 @@ def _fit(
     if restored is not None:
         state, saved = restored
         progress.update(saved["progress"])
+        if not progress["finished"]:  # a finished run is not trained again
+            with _closing_on_error(ckpts):
+                _check_schedule_counts(tc, spe, state)
         log.info(
             "resuming from step %d (epoch %d, batch %d)",
             int(state.step),

@@ -13,15 +13,18 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
 from har_flax import train
 from har_flax.checkpoint import load_model
 from har_flax.config import TrainConfig, override, tiny
-from har_flax.data import load_splits
+from har_flax.data import ArraySource, load_splits
 from har_flax.data.synthetic import write_synthetic_kaggle
+from har_flax.models import create_model, init_variables
 
 # Small and fast: 4 steps of 8 images per epoch.
 CONFIG = override(
@@ -140,22 +143,166 @@ def test_plateau_run_lowers_its_rate_as_keras_would_and_resumes_exactly(splits, 
 
 
 def test_frozen_stage_changes_the_head_only(splits):
+    assert not CONFIG.model.backbone_batchnorm_frozen  # so only the frozen stage keeps them
     state = train.create_train_state(CONFIG, 4)
     images, labels = splits.train.get_batch(np.arange(8))
     batch = {"image": images[:, None], "label": labels}
-    before = jax.device_get(state.params)
+    before = jax.device_get((state.params, state.batch_stats))
     step = train.make_train_step(CONFIG, 4, freeze_backbone=True)
     for _ in range(2):  # step 0 of a warm-up has learning rate 0
         state, metrics = step(state, batch, jax.random.key(0))
-    after = jax.device_get(state.params)
-    jax.tree.map(np.testing.assert_array_equal, after["backbone"], before["backbone"])
-    assert not np.allclose(after["logits"]["kernel"], before["logits"]["kernel"])
-    assert not np.allclose(after["cell"]["ii"]["kernel"], before["cell"]["ii"]["kernel"])
+    after = jax.device_get((state.params, state.batch_stats))
+    # Frozen: the backbone's weights and its BatchNorm statistics, bit for bit.
+    for a, b in zip(after, before, strict=True):
+        jax.tree.map(np.testing.assert_array_equal, a["backbone"], b["backbone"])
+    (params, stats), (params0, stats0) = after, before
+    assert not np.allclose(params["logits"]["kernel"], params0["logits"]["kernel"])
+    assert not np.allclose(params["cell"]["ii"]["kernel"], params0["cell"]["ii"]["kernel"])
+    assert not np.allclose(stats["bn_0"]["mean"], stats0["bn_0"]["mean"])  # the head's trains
     assert int(state.step) == 2 and np.isfinite(float(metrics["loss"]))
+
+
+# Two stages (one head-only epoch of 4 steps), no warm-up (stage 2's first step is at its peak
+# rate) and no augmentation (so that _reference_loss needs no augmentation).
+TWO_STAGE = override(
+    CONFIG, {"train.head_only_epochs": 1, "train.warmup_epochs": 0.0, "train.augment": False}
+)
+
+
+def _reference_loss(model, variables, batch, step, config):
+    """The training loss by its definition: label-smoothed cross-entropy of the model in
+    training mode, with the dropout key of step ``step`` of the run seeded by key(0)."""
+    _, dropout_key = jax.random.split(jax.random.fold_in(jax.random.key(0), step))
+    logits, _ = model.apply(variables, batch["image"], train=True, rngs={"dropout": dropout_key},
+                            mutable=["batch_stats"])  # fmt: skip
+    targets = optax.smooth_labels(
+        jax.nn.one_hot(batch["label"], config.model.num_classes), config.train.label_smoothing
+    )
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def _batch(splits):
+    images, labels = splits.train.get_batch(np.arange(8))
+    return {"image": images[:, None], "label": labels}
+
+
+def test_frozen_stage_runs_the_backbone_batchnorm_in_inference_mode(splits):
+    # As Keras' trainable=False: a frozen backbone normalises with its running statistics and
+    # does not update them, even where the model's training mode trains them (here: stage 2).
+    cfg, batch = TWO_STAGE, _batch(splits)
+    state = train.create_train_state(cfg, 4)
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    state, metrics = train.make_train_step(cfg, 4, freeze_backbone=True)(
+        state, batch, jax.random.key(0)
+    )
+    inference = create_model(dataclasses.replace(cfg.model, freeze_backbone_batchnorm=True))
+    training = create_model(cfg.model)
+    expected = _reference_loss(inference, variables, batch, 0, cfg)
+    np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-5)
+    # The two modes differ on this batch, so the comparison above tells them apart.
+    assert abs(float(_reference_loss(training, variables, batch, 0, cfg)) - float(expected)) > 1e-3
+    after = jax.device_get(state.batch_stats)
+    jax.tree.map(
+        np.testing.assert_array_equal, after["backbone"], variables["batch_stats"]["backbone"]
+    )
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
+def test_stage_two_starts_the_backbone_optimiser_afresh(splits, schedule):
+    # Stage 1 must leave the backbone's AdamW untouched (its step count included), so that
+    # stage 2's first backbone update is that of a fresh AdamW on the same gradients: Adam's
+    # bias correction makes it about the learning rate per weight, whatever the gradient's size.
+    cfg, batch = override(TWO_STAGE, {"train.lr_schedule": schedule}), _batch(splits)
+    tc = cfg.train
+    state = train.create_train_state(cfg, 4)
+    frozen = train.make_train_step(cfg, 4, freeze_backbone=True)
+    for _ in range(4):  # the head-only epoch
+        state, _ = frozen(state, batch, jax.random.key(0))
+    if schedule == "plateau":  # as fit does at the end of stage 1
+        state = train._advance_plateau(tc, state, 1.0, restart=True)
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    model = create_model(cfg.model)
+    grads = jax.jit(jax.grad(
+        lambda p: _reference_loss(model, {**variables, "params": p}, batch, 4, cfg)
+    ))(variables["params"])["backbone"]  # fmt: skip
+    state, metrics = train.make_train_step(cfg, 4)(state, batch, jax.random.key(0))
+    assert int(metrics["step"]) == 4 and not bool(metrics["skipped"])
+
+    lr = tc.finetune_learning_rate  # stage 2's schedule at its first step (no warm-up)
+    fresh = optax.adamw(lr, weight_decay=tc.weight_decay,
+                        mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))  # fmt: skip
+    w0 = variables["params"]["backbone"]
+    updates, _ = fresh.update(grads, fresh.init(w0), w0)
+    expected = jax.tree.leaves(optax.apply_updates(w0, updates))
+    w1, w0, grads = (
+        jax.tree.leaves(jax.device_get(t)) for t in (state.params["backbone"], w0, grads)
+    )
+    # Adam's first step is about +-lr whatever the gradient's size, so it is compared where the
+    # gradient is clearly not 0: some are 0 but for rounding (a BatchNorm bias before another
+    # BatchNorm), and their sign, so their step, is noise. That still leaves most weights.
+    compared = [(np.abs(g) > 1e-5) & (np.abs(g) > 1e-3 * np.abs(g).max()) for g in grads]
+    assert sum(c.sum() for c in compared) > 0.9 * sum(g.size for g in grads)
+    for a, b, c in zip(w1, expected, compared, strict=True):
+        np.testing.assert_allclose(a[c], b[c], rtol=0, atol=0.02 * lr)  # a stale AdamW: ~0.45 lr
+    # Without the weight decay (kernels only), no weight moved by more than the rate.
+    for a, b in zip(w1, w0, strict=True):
+        adam_step = np.abs(a - b + lr * tc.weight_decay * b * (b.ndim > 1))
+        assert np.all(adam_step <= lr * (1 + 1e-3) + 2 * np.spacing(np.abs(b))), (
+            adam_step.max() / lr
+        )
 
 
 def _strip(history):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in history]
+
+
+def test_a_two_stage_run_resumes_exactly_in_either_stage(splits, tmp_path):
+    # The backbone's optimiser counts only stage 2's steps; a run stopped in stage 1, then in
+    # stage 2, and resumed, still ends where the uninterrupted run does.
+    whole = train.fit(TWO_STAGE, tmp_path / "whole", splits=splits, progress_bar=False)
+    assert [r["stage"] for r in whole.history] == ["head", "all", "all"]
+    parts = tmp_path / "parts"
+    for stop in (2, 6):
+        result = train.fit(TWO_STAGE, parts, splits=splits, max_steps=stop, progress_bar=False)
+        assert result.interrupted and int(result.state.step) == stop
+    resumed = train.fit(TWO_STAGE, parts, splits=splits, progress_bar=False)
+    assert resumed.finished and _strip(resumed.history) == _strip(whole.history)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.device_get((resumed.state.params, resumed.state.batch_stats, resumed.state.opt_state)),
+        jax.device_get((whole.state.params, whole.state.batch_stats, whole.state.opt_state)),
+    )
+    counts = jax.device_get(train._schedule_counts(resumed.state.opt_state))
+    assert {k: int(v) for k, v in counts.items()} == {"head": 12, "backbone": 8}
+
+
+def test_an_optimiser_state_that_counts_otherwise_is_refused():
+    # What the previous version saved after the head-only epoch: its backbone optimiser had
+    # counted the 4 frozen steps. Resuming it would shift the backbone's schedule.
+    state = train.create_train_state(TWO_STAGE, 4)
+    train._check_schedule_counts(TWO_STAGE.train, 4, state)  # a fresh state is in order
+    counts = {"head": np.int32(4), "backbone": np.int32(4)}
+    old = state.replace(step=np.int32(4), opt_state=_set_schedule_counts(state.opt_state, counts))
+    with pytest.raises(ValueError, match=r"schedule counts \{'head': 4, 'backbone': 4\}, where "
+                       r"this version of har-flax keeps \{'head': 4, 'backbone': 0\}: the "
+                       "checkpoint was written by an older version"):  # fmt: skip
+        train._check_schedule_counts(TWO_STAGE.train, 4, old)
+
+
+def _set_schedule_counts(opt_state, counts):
+    inner = opt_state.inner_states
+    return opt_state._replace(
+        inner_states={
+            k: jax.tree.map(
+                lambda x, k=k: (
+                    x._replace(count=counts[k]) if isinstance(x, optax.ScaleByScheduleState) else x
+                ),
+                v,
+                is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState),
+            )
+            for k, v in inner.items()
+        }
+    )
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(splits, tmp_path, caplog):
@@ -363,8 +510,44 @@ def test_a_non_finite_step_changes_nothing_but_the_step(splits):
     state, metrics = step(state, batch, jax.random.key(0))
     assert bool(metrics["skipped"]) and not np.isfinite(float(metrics["loss"]))
     after = jax.device_get((state.params, state.opt_state, state.batch_stats))
-    jax.tree.map(np.testing.assert_array_equal, after, before)  # NaN == NaN here
+    # All as it was (NaN == NaN here), except the schedule's position: it follows the step.
+    schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    jax.tree.map(
+        lambda a, b: (np.testing.assert_array_equal(a.count, b.count + 1) if schedule(a)
+                      else jax.tree.map(np.testing.assert_array_equal, a, b)),
+        after, before, is_leaf=schedule,
+    )  # fmt: skip
     assert int(state.step) == 3
+
+
+def test_after_a_skipped_step_the_logged_rate_is_the_applied_one(splits):
+    # A skipped step moves the schedule on with the step: the next step applies the rate the
+    # uninterrupted schedule gives it, and logs that rate. Steps 0 and 1 are CONFIG's warm-up.
+    batch, key = _batch(splits), jax.random.key(0)
+    step = train.make_train_step(CONFIG, 4)
+    state, _ = step(train.create_train_state(CONFIG, 4), batch, key)
+    good = jax.device_get(state.params)
+    bad = jax.tree.map(np.array, good)
+    bad["logits"]["bias"][0] = np.nan
+    state, metrics = step(state.replace(params=bad), batch, key)
+    assert bool(metrics["skipped"]) and int(metrics["step"]) == 1
+    state, metrics = step(state.replace(params=good), batch, key)
+    assert int(metrics["step"]) == 2 and not bool(metrics["skipped"])
+    head, _ = train.learning_rate_schedules(CONFIG.train, 4)
+    assert float(head(1)) < float(head(2))  # so a schedule one step late would show
+    logged = float(metrics["learning_rate"])
+    assert logged == pytest.approx(float(head(2)), rel=1e-6)
+
+    # The rate applied, by Adam's rule on a bias (no weight decay): the step's update divided
+    # by the bias-corrected direction, from the moments and count this step left.
+    adam = jax.device_get(state.opt_state.inner_states["head"].inner_state[0])
+    assert isinstance(adam, optax.ScaleByAdamState)
+    n = int(adam.count)  # 2: the skipped step left Adam's moments and count as they were
+    mu = adam.mu["logits"]["bias"] / (1 - 0.9**n)
+    nu = adam.nu["logits"]["bias"] / (1 - 0.999**n)
+    direction = mu / (np.sqrt(nu) + 1e-8)
+    delta = jax.device_get(state.params)["logits"]["bias"] - good["logits"]["bias"]
+    np.testing.assert_allclose(-delta / direction, logged, rtol=1e-4)
 
 
 def test_a_diverging_run_stops_with_an_error_and_no_bad_checkpoint(splits, tmp_path):
@@ -506,3 +689,99 @@ def test_har_train_lists_skipped_images_and_stops_cleanly_on_ctrl_c(tmp_path):
     assert "Traceback" not in err
     with train.workdir_lock(tmp_path / "w"):  # the lock went with the process
         pass
+
+
+# --- Units that mutation testing showed untested -------------------------------------------------
+
+
+def test_label_smoothing_is_applied():
+    """train.label_smoothing changes the loss of the same step (a setting that did nothing would
+    not), and by the amount the smoothed targets predict: L_e - L_0 = e (mean_k -log p_k - CE)."""
+    base = override(tiny(), {"train.batch_size": 8, "train.augment": False,
+                             "train.head_only_epochs": 0, "model.lstm_dropout": 0.0,
+                             "model.head_dropout": 0.0})  # fmt: skip
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (8, 1, 32, 32, 3), dtype=np.uint8),
+             "label": rng.integers(0, 3, (8,), dtype=np.int32)}  # fmt: skip
+    losses = {}
+    for eps in (0.0, 0.3):
+        config = override(base, {"train.label_smoothing": eps})
+        state = train.create_train_state(config, 4)
+        logits, _ = state.apply_fn(
+            {"params": state.params, "batch_stats": state.batch_stats},
+            batch["image"], train=True, mutable=["batch_stats"],
+        )  # fmt: skip
+        _, metrics = train.make_train_step(config, 4)(state, batch, jax.random.key(0))
+        losses[eps] = float(metrics["loss"])
+    logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float32)))
+    ce = -logp[np.arange(8), batch["label"]].mean()
+    uniform = -logp.mean()
+    assert losses[0.0] == pytest.approx(ce, rel=1e-4)  # jit and eager round differently
+    assert losses[0.3] - losses[0.0] == pytest.approx(0.3 * (uniform - ce), abs=1e-4)
+    assert losses[0.3] != losses[0.0]
+
+
+def test_weight_decay_shrinks_kernels_only():
+    """AdamW's decay applies to kernels, never to biases or BatchNorm scales and offsets."""
+    config = override(tiny(), {"train.weight_decay": 0.5, "train.warmup_epochs": 0.0,
+                               "train.head_only_epochs": 0})  # fmt: skip
+    state = train.create_train_state(config, 10)
+    params, opt_state = state.params, state.tx.init(state.params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for _ in range(3):
+        updates, opt_state = state.tx.update(zeros, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    flat_before = jax.tree_util.tree_leaves_with_path(state.params)
+    flat_after = jax.tree.leaves(params)
+    kernels = 0
+    for (path, before), after in zip(flat_before, flat_after, strict=True):
+        name = jax.tree_util.keystr(path)
+        if before.ndim > 1:
+            kernels += 1
+            assert np.all(np.abs(after) <= np.abs(before)), name
+            assert not np.array_equal(after, before), name
+        else:
+            np.testing.assert_array_equal(after, before, err_msg=name)
+    assert kernels
+
+
+def test_every_epoch_has_its_own_order():
+    orders = [train.epoch_permutation(100, seed=0, epoch=e) for e in range(3)]
+    for order in orders:
+        assert sorted(order) == list(range(100))
+    assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+    np.testing.assert_array_equal(orders[1], train.epoch_permutation(100, seed=0, epoch=1))
+    assert not np.array_equal(orders[0], train.epoch_permutation(100, seed=1, epoch=0))
+
+
+def test_predict_logits_keeps_each_example_its_own_row():
+    """N not a multiple of the batch: the padded last batch's rows go back to their examples."""
+    config = tiny()
+    model = create_model(config.model)
+    variables = init_variables(config.model, jax.random.key(2))
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    source = ArraySource(images, range(10), [f"{i}.jpg" for i in range(10)],
+                         np.zeros(10, np.int32), 32)  # fmt: skip
+    got = train.predict_logits(model, variables, source, batch_size=4)
+    want = np.concatenate([np.asarray(model.apply(variables, images[i : i + 1, None], train=False))
+                           for i in range(10)])  # fmt: skip
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+class _Bar:
+    def set_postfix(self, **_):
+        pass
+
+    def update(self, _):
+        pass
+
+
+def test_skipped_steps_stay_out_of_the_epoch_averages():
+    sums = train._new_sums()
+    meter = train._Meter(sums, _Bar(), batch_size=8, guard=train._NonFiniteGuard(10))
+    for step, (loss, skipped) in enumerate(((1.0, False), (float("nan"), True), (3.0, False))):
+        meter.add({"loss": loss, "accuracy": 0.5, "grad_norm": 1.0, "skipped": skipped,
+                   "step": step})  # fmt: skip
+    meter.flush()
+    assert (sums["loss"], sums["accuracy"], sums["steps"], sums["skipped"]) == (4.0, 1.0, 2, 1)

@@ -41,7 +41,22 @@ class CNNLSTM(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, frames: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self, frames: jax.Array, train: bool = False, freeze_backbone: bool = False
+    ) -> jax.Array:
+        """Logits for a batch of clips.
+
+        Args:
+          frames: uint8 (B, T, H, W, 3).
+          train: training mode (dropout, BatchNorm on batch statistics, which it updates).
+          freeze_backbone: the backbone is not being trained (the head-only stage): its
+            BatchNorm runs in inference mode, as Keras' ``trainable=False`` does, so its
+            statistics neither normalise by the batch nor change. The head trains as ``train``
+            says.
+
+        Returns:
+          float32 (B, K).
+        """
         if frames.ndim != 5:
             raise ValueError(f"expected frames of shape (B, T, H, W, 3), got {frames.shape}")
         x = normalize_uint8(frames, self.dtype)  # (B, T, H, W, 3)
@@ -65,7 +80,8 @@ class CNNLSTM(nn.Module):
             param_dtype=self.param_dtype,
             name="backbone",
         )
-        feats = backbone(x, train and not self.freeze_backbone_batchnorm)  # (B, T, D)
+        backbone_bn_trains = train and not (self.freeze_backbone_batchnorm or freeze_backbone)
+        feats = backbone(x, backbone_bn_trains)  # (B, T, D)
         # Kept only when "intermediates" is mutable: lets tests and analyses see the features.
         self.sow("intermediates", "features", feats)
 
