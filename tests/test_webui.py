@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import grpc
@@ -60,11 +59,17 @@ def small_messages(request) -> support.GrpcServer:
     return support.shared_server("small-messages", args, request)
 
 
+HOLD_S = 3
+
+
 @pytest.fixture(scope="session")
 def one_worker(request) -> support.GrpcServer:
-    """The tiny model behind a gRPC server with one handler thread and a queue of one."""
+    """The tiny model behind a gRPC server with one handler thread and a queue of one, whose
+    Predicts each hold that thread HOLD_S: the batch waits for company that cannot come."""
     model = support.tiny_model_dir(request.getfixturevalue("tmp_path_factory"))
-    args = ["--model", str(model), "--no-warmup", "--workers", "1", "--max-queue", "1"]
+    args = ["--model", str(model), "--no-warmup", "--workers", "1", "--max-queue", "1",
+            "--batching", "on", "--max-batch-size", "2",
+            "--max-wait-us", str(HOLD_S * 10**6)]  # fmt: skip
     return support.shared_server("one-worker", args, request)
 
 
@@ -432,37 +437,19 @@ def test_retry_after_is_the_model_servers_and_only_on_errors(rate_limited, serve
 
 
 def test_a_full_model_server_is_503_with_its_retry_after(one_worker, serve, http, cat_jpeg):
-    # Two reflection streams that wait for their client fill the server's handler thread and
-    # its queue of one; a Predict then finds it full (OVERLOADED, RetryInfo 0.5 s).
-    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-    release = threading.Event()
-
-    def waiting_requests():
-        yield reflection_pb2.ServerReflectionRequest(list_services="")
-        release.wait(30)
-
-    # A Predict that slips in before the second stream waits in the queue instead; the short
-    # deadline ends its wait (504) and it still fills the queue, so the next one is refused.
-    url = serve(make_app(one_worker.target, HAR_GRPC_TIMEOUT_S=2))
+    # One Predict holds the server's only handler thread, a second waits in its queue of one;
+    # the web UI's Predict then finds it full (OVERLOADED, RetryInfo 0.5 s).
+    url = serve(make_app(one_worker.target))
     with grpc.insecure_channel(one_worker.target) as channel:
-        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-        streams = [reflection.ServerReflectionInfo(waiting_requests())]
-        try:
-            next(streams[0])  # it holds the handler thread; the second waits for it
-            streams.append(reflection.ServerReflectionInfo(waiting_requests()))
-            deadline = time.monotonic() + 10
-            while True:  # until the second is queued
-                response = http.post(
-                    url + "predict", files={"file": ("cat.jpg", cat_jpeg)}, timeout=60
-                )
-                if response.status_code not in (200, 504) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
-        finally:
-            release.set()
-            for stream in streams:
-                stream.cancel()
+        predict = har_pb2_grpc.ActionRecognitionStub(channel).Predict
+        request = har_pb2.PredictRequest(images=[cat_jpeg])
+        held = [predict.future(request, timeout=30)]
+        time.sleep(0.5)  # the first has its thread
+        held.append(predict.future(request, timeout=30))
+        time.sleep(0.5)  # the second is queued
+        response = http.post(url + "predict", files={"file": ("cat.jpg", cat_jpeg)}, timeout=60)
+        for call in held:
+            assert call.result().action  # both were answered in the end
     assert response.status_code == 503, response.text
     assert response.headers["Retry-After"] == "1"  # the server's 0.5 s, in whole seconds
     body = response.json()
