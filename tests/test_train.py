@@ -198,7 +198,8 @@ def test_frozen_stage_runs_the_backbone_batchnorm_in_inference_mode(splits):
     inference = create_model(dataclasses.replace(cfg.model, freeze_backbone_batchnorm=True))
     training = create_model(cfg.model)
     expected = _reference_loss(inference, variables, batch, 0, cfg)
-    np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-5)
+    # (rtol: jit and eager round differently; the two BatchNorm modes differ by far more)
+    np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-4)
     # The two modes differ on this batch, so the comparison above tells them apart.
     assert abs(float(_reference_loss(training, variables, batch, 0, cfg)) - float(expected)) > 1e-3
     after = jax.device_get(state.batch_stats)
@@ -694,55 +695,38 @@ def test_har_train_lists_skipped_images_and_stops_cleanly_on_ctrl_c(tmp_path):
 # --- Units that mutation testing showed untested -------------------------------------------------
 
 
-def test_label_smoothing_is_applied():
-    """train.label_smoothing changes the loss of the same step (a setting that did nothing would
-    not), and by the amount the smoothed targets predict: L_e - L_0 = e (mean_k -log p_k - CE)."""
-    base = override(tiny(), {"train.batch_size": 8, "train.augment": False,
-                             "train.head_only_epochs": 0, "model.lstm_dropout": 0.0,
-                             "model.head_dropout": 0.0})  # fmt: skip
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.integers(0, 256, (8, 1, 32, 32, 3), dtype=np.uint8),
-             "label": rng.integers(0, 3, (8,), dtype=np.int32)}  # fmt: skip
-    losses = {}
-    for eps in (0.0, 0.3):
-        config = override(base, {"train.label_smoothing": eps})
-        state = train.create_train_state(config, 4)
-        logits, _ = state.apply_fn(
-            {"params": state.params, "batch_stats": state.batch_stats},
-            batch["image"], train=True, mutable=["batch_stats"],
-        )  # fmt: skip
-        _, metrics = train.make_train_step(config, 4)(state, batch, jax.random.key(0))
-        losses[eps] = float(metrics["loss"])
-    logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float32)))
-    ce = -logp[np.arange(8), batch["label"]].mean()
-    uniform = -logp.mean()
-    assert losses[0.0] == pytest.approx(ce, rel=1e-4)  # jit and eager round differently
-    assert losses[0.3] - losses[0.0] == pytest.approx(0.3 * (uniform - ce), abs=1e-4)
-    assert losses[0.3] != losses[0.0]
+def test_label_smoothing_is_applied(splits):
+    """The step's loss is the label-smoothed cross-entropy, not the plain one (a setting that
+    did nothing would not show). TWO_STAGE's step is compiled by the tests above already."""
+    cfg, batch = TWO_STAGE, _batch(splits)
+    state = train.create_train_state(cfg, 4)
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    _, metrics = train.make_train_step(cfg, 4)(state, batch, jax.random.key(0))
+    model = create_model(cfg.model)
+    smoothed = float(_reference_loss(model, variables, batch, 0, cfg))
+    plain = override(cfg, {"train.label_smoothing": 0.0})
+    assert abs(smoothed - float(_reference_loss(model, variables, batch, 0, plain))) > 1e-3
+    assert cfg.train.label_smoothing > 0
+    np.testing.assert_allclose(float(metrics["loss"]), smoothed, rtol=1e-4)  # jit vs eager
 
 
 def test_weight_decay_shrinks_kernels_only():
     """AdamW's decay applies to kernels, never to biases or BatchNorm scales and offsets."""
-    config = override(tiny(), {"train.weight_decay": 0.5, "train.warmup_epochs": 0.0,
-                               "train.head_only_epochs": 0})  # fmt: skip
-    state = train.create_train_state(config, 10)
-    params, opt_state = state.params, state.tx.init(state.params)
+    tc = dataclasses.replace(TrainConfig(), weight_decay=0.5, warmup_epochs=0.0,
+                             head_only_epochs=0, epochs=1)  # fmt: skip
+    tx = train.make_optimizer(tc, 10)
+    ones = {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.ones(4), "scale": jnp.ones(4)}
+    params = {"backbone": {"conv": dict(ones)}, "logits": dict(ones)}
+    state, new = tx.init(params), params
     zeros = jax.tree.map(jnp.zeros_like, params)
     for _ in range(3):
-        updates, opt_state = state.tx.update(zeros, opt_state, params)
-        params = optax.apply_updates(params, updates)
-    flat_before = jax.tree_util.tree_leaves_with_path(state.params)
-    flat_after = jax.tree.leaves(params)
-    kernels = 0
-    for (path, before), after in zip(flat_before, flat_after, strict=True):
-        name = jax.tree_util.keystr(path)
-        if before.ndim > 1:
-            kernels += 1
-            assert np.all(np.abs(after) <= np.abs(before)), name
-            assert not np.array_equal(after, before), name
-        else:
-            np.testing.assert_array_equal(after, before, err_msg=name)
-    assert kernels
+        updates, state = tx.update(zeros, state, new)
+        new = optax.apply_updates(new, updates)
+    for group in ("backbone", "logits"):
+        layer = new[group]["conv"] if group == "backbone" else new[group]
+        assert float(jnp.max(layer["kernel"])) < 1.0, group
+        np.testing.assert_array_equal(layer["bias"], 1.0)
+        np.testing.assert_array_equal(layer["scale"], 1.0)
 
 
 def test_every_epoch_has_its_own_order():
@@ -764,8 +748,8 @@ def test_predict_logits_keeps_each_example_its_own_row():
     source = ArraySource(images, range(10), [f"{i}.jpg" for i in range(10)],
                          np.zeros(10, np.int32), 32)  # fmt: skip
     got = train.predict_logits(model, variables, source, batch_size=4)
-    want = np.concatenate([np.asarray(model.apply(variables, images[i : i + 1, None], train=False))
-                           for i in range(10)])  # fmt: skip
+    one = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    want = np.concatenate([np.asarray(one(variables, images[i : i + 1, None])) for i in range(10)])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
