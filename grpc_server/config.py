@@ -7,13 +7,6 @@ import dataclasses
 MiB = 1024 * 1024
 
 
-def _image_limit_default(name: str) -> int:
-    """The default of one har_flax.images.ImageLimits field (defaults live there only)."""
-    from har_flax.images import ImageLimits  # noqa: PLC0415 (Pillow only when used)
-
-    return ImageLimits.__dataclass_fields__[name].default
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     """Everything `har-serve` can be told; every field is a flag and a HAR_SERVE_* variable."""
@@ -108,12 +101,7 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
-        per_frame = self.max_pixels or _image_limit_default("max_pixels")
-        if self.max_total_pixels is not None and self.max_total_pixels < per_frame:
-            raise ValueError(
-                f"max_total_pixels ({self.max_total_pixels:,}) must be at least max_pixels "
-                f"({per_frame:,}): a request must fit one frame at the per-frame limit"
-            )
+        self.image_limits()  # ImageLimits refuses a max_total_pixels under max_pixels.
 
     def image_limits(self):
         """The Predictor's ImageLimits: its own defaults where a field is None.
@@ -125,7 +113,7 @@ class ServerConfig:
 
         total = self.max_total_pixels
         if total is None and self.max_pixels is not None:
-            total = max(_image_limit_default("max_total_pixels"), self.max_pixels)
+            total = max(ImageLimits.max_total_pixels, self.max_pixels)
         given = {
             "max_bytes": self.max_image_bytes,
             "max_pixels": self.max_pixels,

@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 
 from grpc_server.errors import RpcFailure
 from grpc_server.metrics import Metrics
+from har_flax.images import human_bytes
 
 access_log = logging.getLogger("grpc_server.access")
 log = logging.getLogger(__name__)
@@ -424,10 +425,6 @@ class _Malformed:
         self.error = error
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1024 * 1024):.1f} MiB" if n >= 1024 * 1024 else f"{n / 1024:.0f} KiB"
-
-
 class MessageSizeInterceptor(grpc.ServerInterceptor):
     """Refuses request messages over `max_bytes` itself, so the refusal is logged and counted.
 
@@ -447,8 +444,8 @@ class MessageSizeInterceptor(grpc.ServerInterceptor):
     def _failure(self, size: int) -> RpcFailure:
         return RpcFailure(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"request message is {_mib(size)} ({size} bytes); this server accepts at most "
-            f"{_mib(self.max_bytes)} ({self.max_bytes} bytes, --max-message-bytes): send "
+            f"request message is {human_bytes(size)} ({size} bytes); this server accepts at most "
+            f"{human_bytes(self.max_bytes)} ({self.max_bytes} bytes, --max-message-bytes): send "
             "smaller images or fewer frames",
             reason="MESSAGE_TOO_LARGE",
         )

@@ -53,7 +53,7 @@ _ORIENTATION_TRANSPOSE = {
 }
 
 
-def _size(n: int) -> str:
+def human_bytes(n: int) -> str:
     """A byte count for people: '12.3 MiB', '512 KiB'."""
     return f"{n / _MIB:.1f} MiB" if n >= _MIB else f"{n / 1024:.0f} KiB"
 
@@ -253,9 +253,9 @@ def iter_frames(
         raise InvalidImageError("empty: no image bytes were sent", field=field)
     if len(data) > limits.max_bytes:
         raise ImageTooLargeError(
-            f"{len(data):,} bytes ({_size(len(data))}) is over the limit of "
-            f"{limits.max_bytes:,} bytes ({_size(limits.max_bytes)}) per image; send a smaller "
-            "or more compressed image",
+            f"{len(data):,} bytes ({human_bytes(len(data))}) is over the limit of "
+            f"{limits.max_bytes:,} bytes ({human_bytes(limits.max_bytes)}) per image; send a "
+            "smaller or more compressed image",
             limit="max_bytes",
             field=field,
         )

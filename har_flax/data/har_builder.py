@@ -272,11 +272,9 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
         if not stored and split == "test":
             raise _NoReadableTestImage(bad)
         if not stored:
-            listed = "\n".join(f"  {i.message}" for i in bad[:5])
-            more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
             raise kaggle.DataError(
                 f"none of the {len(entries)} training images of {layout.root} is readable:\n"
-                f"{listed}{more}\nCheck that the data set was unzipped completely."
+                f"{kaggle.list_issues(bad)}\nCheck that the data set was unzipped completely."
             )
         meta = self.info.metadata
         meta["skipped"] = meta["skipped"] + [i.to_dict() for i in bad]

@@ -437,11 +437,15 @@ def missing_files(root: Path, split: str, entries: Sequence[Entry]) -> list[Issu
     ]  # fmt: skip
 
 
-def raise_issues(issues: Sequence[Issue], *, what: str) -> None:
-    """Raises one DataError listing ``issues`` (the first few in full), or returns if none."""
-    if not issues:
-        return
+def list_issues(issues: Sequence[Issue]) -> str:
+    """The first few of ``issues`` in full, one indented line each, then how many more."""
     lines = [f"  {i.message}" for i in issues[:_MAX_LISTED]]
     if len(issues) > _MAX_LISTED:
         lines.append(f"  ... and {len(issues) - _MAX_LISTED} more")
-    raise DataError(f"{len(issues)} {what}:\n" + "\n".join(lines) + f"\nTo go on: {SKIP_HINT}")
+    return "\n".join(lines)
+
+
+def raise_issues(issues: Sequence[Issue], *, what: str) -> None:
+    """Raises one DataError listing ``issues`` (the first few in full), or returns if none."""
+    if issues:
+        raise DataError(f"{len(issues)} {what}:\n{list_issues(issues)}\nTo go on: {SKIP_HINT}")
