@@ -106,9 +106,8 @@ def test_markdown_and_heat_map_show_the_metrics_they_are_given(fixed_predictions
         assert rows[name][:4] == want and rows[name][4] == str(r["support"])
         # The confusion matrix's row of this class: true `name`, counts per predicted class.
         i = CLASSES.index(name)
-        assert rows[f"{name}"] and [int(v) for v in _md_matrix_row(report, name)] == [
-            int(v) for v in np.asarray(m["confusion_matrix"])[i]
-        ]
+        matrix_row = [int(v) for v in _md_matrix_row(report, name)]
+        assert matrix_row == np.asarray(m["confusion_matrix"])[i].tolist()
     assert not np.array_equal(m["confusion_matrix"], np.asarray(m["confusion_matrix"]).T)
     # The heat map's colours: each true class's row of rates sums to 1 (0 for an absent class).
     rates = ev.row_rates(m["confusion_matrix"])
