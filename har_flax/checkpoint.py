@@ -12,13 +12,17 @@ half-written model directory where a complete one is expected.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -299,26 +303,38 @@ class TrainCheckpoints:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory).absolute()
-        self._managers = {
-            name: ocp.CheckpointManager(
-                self.directory / name,
-                options=ocp.CheckpointManagerOptions(
-                    max_to_keep=1,
-                    create=True,
-                    enable_async_checkpointing=True,
-                    # The unfinished folder of a save cut off by a kill.
-                    cleanup_tmp_directories=True,
-                    # Multi-host: orbax's barriers have fixed names, and a "best" save's
-                    # background thread would meet another process's "latest" thread at the
-                    # same one ("Barrier ... is already ongoing", then a hang).
-                    multiprocessing_options=ocp.options.MultiprocessingOptions(
-                        barrier_sync_key_prefix=f"har_{name}"
-                    ),
+        self._managers: dict[str, ocp.CheckpointManager] = {}
+        # Each manager removes a killed save's unfinished folder in a thread of its own, which
+        # its close() does not wait for; one still running when the process exits (Ctrl-C as
+        # a run starts) died there with a traceback. So the managers are built, and their
+        # clean-ups waited for (a directory listing), with Ctrl-C and SIGTERM held back.
+        with _signals_held(signal.SIGINT, signal.SIGTERM):
+            try:
+                for name in ("latest", "best"):
+                    self._managers[name] = self._manager(name)
+                    _await_tmp_cleanup(self._managers[name])
+            except BaseException:
+                self.close()
+                raise
+
+    def _manager(self, name: str) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            self.directory / name,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1,
+                create=True,
+                enable_async_checkpointing=True,
+                # The unfinished folder of a save cut off by a kill.
+                cleanup_tmp_directories=True,
+                # Multi-host: orbax's barriers have fixed names, and a "best" save's
+                # background thread would meet another process's "latest" thread at the
+                # same one ("Barrier ... is already ongoing", then a hang).
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix=f"har_{name}"
                 ),
-                item_names=(_STATE_ITEM, _PROGRESS_ITEM),
-            )
-            for name in ("latest", "best")
-        }
+            ),
+            item_names=(_STATE_ITEM, _PROGRESS_ITEM),
+        )
 
     def latest_step(self, which: str = "latest") -> int | None:
         """The step of the kept checkpoint, or None when there is none yet."""
@@ -383,5 +399,31 @@ class TrainCheckpoints:
 
     def close(self) -> None:
         for manager in self._managers.values():
+            _await_tmp_cleanup(manager)
             manager.wait_until_finished()
             manager.close()
+
+
+@contextlib.contextmanager
+def _signals_held(*signums: int) -> Iterator[None]:
+    """Delivers ``signums`` arriving in the block when it ends (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _: received.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(received):
+            signal.raise_signal(s)
+
+
+def _await_tmp_cleanup(manager: ocp.CheckpointManager) -> None:
+    """Waits for ``manager``'s clean-up of unfinished folders (orbax's own save waits too)."""
+    # A private method of orbax's; where it is missing, a save still waits for the clean-up.
+    wait = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
+    if wait is not None:
+        wait()
