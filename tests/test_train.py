@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import optax
 import pytest
 from PIL import Image
 
-from har_flax import train
+from har_flax import sharding, train
 from har_flax.checkpoint import load_model
 from har_flax.config import TrainConfig, override, tiny
 from har_flax.data import ArraySource, load_splits
@@ -37,6 +38,22 @@ CONFIG = override(
     },
 )
 TIMING_KEYS = ("images_per_sec", "epoch_seconds")
+# Two stages (one head-only epoch of 4 steps), no warm-up (stage 2's first step is at its peak
+# rate) and no augmentation (so that _reference_loss needs no augmentation).
+TWO_STAGE = override(
+    CONFIG, {"train.head_only_epochs": 1, "train.warmup_epochs": 0.0, "train.augment": False}
+)
+# The same under the plateau rule, for 5 epochs: at this stage-2 rate the validation loss
+# stalls in stage 2, so the rule lowers the rate (the plateau test needs a run where it does).
+PLATEAU = override(
+    TWO_STAGE,
+    {"train.lr_schedule": "plateau", "train.plateau_patience": 1, "train.epochs": 5,
+     "train.finetune_learning_rate": 3e-3},
+)  # fmt: skip
+# Compiling one of these train steps takes ~25 s on 2 CPU cores, and each configuration is a
+# program of its own (its schedule and settings are constants in it). So the tests share few
+# configurations (CONFIG, TWO_STAGE, PLATEAU) and run steps the way fit places them
+# (_on_mesh): a test calling a step runs the very program a fit of that configuration compiled.
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +63,58 @@ def splits(tmp_path_factory):
     s = load_splits(data, root / "split", image_size=32, data_config=CONFIG.data)
     assert train.steps_per_epoch(len(s.train), 8) == 4
     return s
+
+
+def _batch(splits):
+    images, labels = splits.train.get_batch(np.arange(8))
+    return {"image": images[:, None], "label": labels}
+
+
+def _on_mesh(state, batch=None):
+    """``state`` (and ``batch``) placed as :func:`train.fit` places them."""
+    mesh = sharding.make_mesh()
+    state = sharding.replicate(state, mesh)
+    if batch is None:
+        return state
+    return state, sharding.shard_batch(batch, mesh, len(batch["label"]))
+
+
+@functools.cache
+def _reference_loss_fn(model_config):
+    """The training loss by its definition: label-smoothed cross-entropy of the model in
+    training mode, with the dropout key of step ``step`` of the run seeded by key(0).
+
+    ``(variables, batch, step, label_smoothing) -> loss``, jitted: run op by op, MobileNetV2's
+    few hundred operations take ~30 s of small compilations here.
+    """
+    model = create_model(model_config)
+
+    def loss(variables, batch, step, label_smoothing):
+        _, dropout_key = jax.random.split(jax.random.fold_in(jax.random.key(0), step))
+        logits, _ = model.apply(variables, batch["image"], train=True,
+                                rngs={"dropout": dropout_key}, mutable=["batch_stats"])  # fmt: skip
+        targets = optax.smooth_labels(
+            jax.nn.one_hot(batch["label"], model_config.num_classes), label_smoothing
+        )
+        return optax.softmax_cross_entropy(logits, targets).mean()
+
+    return jax.jit(loss)
+
+
+def _reference_loss(config, variables, batch, step, model_config=None):
+    """The loss of ``config`` (its model unless ``model_config`` is given), as a float."""
+    loss = _reference_loss_fn(model_config or config.model)
+    return float(loss(variables, batch, step, config.train.label_smoothing))
+
+
+@functools.cache
+def _reference_grad_fn(model_config):
+    """The gradient of :func:`_reference_loss_fn` in the parameters, jitted."""
+    loss = _reference_loss_fn(model_config)
+    return jax.jit(
+        jax.grad(lambda params, variables, batch, step, smoothing:
+                 loss({**variables, "params": params}, batch, step, smoothing))
+    )  # fmt: skip
 
 
 def test_two_stage_schedules():
@@ -109,47 +178,54 @@ def _keras_plateau_scales(val_losses, factor, patience, min_scale, rtol=1e-4):
     return scales
 
 
-def test_plateau_run_lowers_its_rate_as_keras_would_and_resumes_exactly(splits, tmp_path, caplog):
-    cfg = override(
-        CONFIG, {"train.lr_schedule": "plateau", "train.plateau_patience": 1, "train.epochs": 4}
-    )
+def test_a_plateau_run_lowers_its_rate_as_keras_would_and_resumes_in_either_stage(
+    splits, tmp_path, caplog
+):
+    # The first test to train PLATEAU, so its programs compile in this run (checked below).
+    cfg, tc = PLATEAU, PLATEAU.train
     with caplog.at_level(logging.INFO, logger="har_flax.train"):
         whole = train.fit(cfg, tmp_path / "whole", splits=splits, progress_bar=False)
-    tc = cfg.train
-    scales = _keras_plateau_scales([r["val_loss"] for r in whole.history], tc.plateau_factor,
-                                   tc.plateau_patience, tc.plateau_min_scale)  # fmt: skip
+    # Stage 1 (the head-only epoch) at the head's rate; the rule starts over for stage 2, at
+    # stage 2's own peak rate.
+    losses = [r["val_loss"] for r in whole.history]
+    scales = [1.0] + _keras_plateau_scales(losses[1:], tc.plateau_factor, tc.plateau_patience,
+                                           tc.plateau_min_scale)  # fmt: skip
     assert scales[-1] < 1, scales  # this run's validation loss stalls, so the rate came down
+    peaks = [tc.learning_rate] + [tc.finetune_learning_rate] * (tc.epochs - 1)
     assert [r["learning_rate"] for r in whole.history] == pytest.approx(
-        [tc.learning_rate * s for s in scales], rel=1e-6
+        [p * s for p, s in zip(peaks, scales, strict=True)], rel=1e-6
     )
     assert "validation loss not lower for 1 epoch: learning rate x0.5" in caplog.text
-    # This configuration's step compiles in epoch 1 (seconds, against a fraction of a second
-    # per epoch): its time and images/s leave the compilation out.
+    # This configuration's steps compile in epochs 1 (frozen) and 2 (seconds, against a
+    # fraction of a second per epoch): the epochs' times and images/s leave them out.
     compiled = float(re.search(r"compiling took ([\d.]+) s", caplog.text)[1])
     seconds = [r["epoch_seconds"] for r in whole.history]
-    assert compiled > 5 and seconds[0] < 1 + 2 * max(seconds[1:]), (compiled, seconds)
+    assert compiled > 5 and max(seconds[:2]) < 1 + 2 * max(seconds[2:]), (compiled, seconds)
 
-    # The rule's state is part of the checkpoint: stopped in epoch 2 and resumed, the run ends
-    # where the uninterrupted one did.
+    # The rule's state is part of the checkpoint, and the backbone's optimiser counts only
+    # stage 2's steps: stopped in stage 1, then in stage 2, and resumed, the run ends where the
+    # uninterrupted one did.
     parts = tmp_path / "parts"
-    assert train.fit(cfg, parts, splits=splits, max_steps=6, progress_bar=False).interrupted
+    for stop in (2, 6):
+        result = train.fit(cfg, parts, splits=splits, max_steps=stop, progress_bar=False)
+        assert result.interrupted and int(result.state.step) == stop
     resumed = train.fit(cfg, parts, splits=splits, progress_bar=False)
-    assert _strip(resumed.history) == _strip(whole.history)
+    assert resumed.finished and _strip(resumed.history) == _strip(whole.history)
     jax.tree.map(
         np.testing.assert_array_equal,
-        jax.device_get((resumed.state.params, resumed.state.opt_state)),
-        jax.device_get((whole.state.params, whole.state.opt_state)),
+        jax.device_get((resumed.state.params, resumed.state.batch_stats, resumed.state.opt_state)),
+        jax.device_get((whole.state.params, whole.state.batch_stats, whole.state.opt_state)),
     )
+    counts = jax.device_get(train._schedule_counts(resumed.state.opt_state))
+    assert {k: int(v) for k, v in counts.items()} == {"head": 20, "backbone": 16}
 
 
 def test_frozen_stage_changes_the_head_only(splits):
-    assert not CONFIG.model.backbone_batchnorm_frozen  # so only the frozen stage keeps them
-    state = train.create_train_state(CONFIG, 4)
-    images, labels = splits.train.get_batch(np.arange(8))
-    batch = {"image": images[:, None], "label": labels}
+    assert not TWO_STAGE.model.backbone_batchnorm_frozen  # so only the frozen stage keeps them
+    state, batch = _on_mesh(train.create_train_state(TWO_STAGE, 4), _batch(splits))
     before = jax.device_get((state.params, state.batch_stats))
-    step = train.make_train_step(CONFIG, 4, freeze_backbone=True)
-    for _ in range(2):  # step 0 of a warm-up has learning rate 0
+    step = train.make_train_step(TWO_STAGE, 4, freeze_backbone=True)
+    for _ in range(2):
         state, metrics = step(state, batch, jax.random.key(0))
     after = jax.device_get((state.params, state.batch_stats))
     # Frozen: the backbone's weights and its BatchNorm statistics, bit for bit.
@@ -162,30 +238,6 @@ def test_frozen_stage_changes_the_head_only(splits):
     assert int(state.step) == 2 and np.isfinite(float(metrics["loss"]))
 
 
-# Two stages (one head-only epoch of 4 steps), no warm-up (stage 2's first step is at its peak
-# rate) and no augmentation (so that _reference_loss needs no augmentation).
-TWO_STAGE = override(
-    CONFIG, {"train.head_only_epochs": 1, "train.warmup_epochs": 0.0, "train.augment": False}
-)
-
-
-def _reference_loss(model, variables, batch, step, config):
-    """The training loss by its definition: label-smoothed cross-entropy of the model in
-    training mode, with the dropout key of step ``step`` of the run seeded by key(0)."""
-    _, dropout_key = jax.random.split(jax.random.fold_in(jax.random.key(0), step))
-    logits, _ = model.apply(variables, batch["image"], train=True, rngs={"dropout": dropout_key},
-                            mutable=["batch_stats"])  # fmt: skip
-    targets = optax.smooth_labels(
-        jax.nn.one_hot(batch["label"], config.model.num_classes), config.train.label_smoothing
-    )
-    return optax.softmax_cross_entropy(logits, targets).mean()
-
-
-def _batch(splits):
-    images, labels = splits.train.get_batch(np.arange(8))
-    return {"image": images[:, None], "label": labels}
-
-
 def test_frozen_stage_runs_the_backbone_batchnorm_in_inference_mode(splits):
     # As Keras' trainable=False: a frozen backbone normalises with its running statistics and
     # does not update them, even where the model's training mode trains them (here: stage 2).
@@ -193,39 +245,35 @@ def test_frozen_stage_runs_the_backbone_batchnorm_in_inference_mode(splits):
     state = train.create_train_state(cfg, 4)
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     state, metrics = train.make_train_step(cfg, 4, freeze_backbone=True)(
-        state, batch, jax.random.key(0)
+        *_on_mesh(state, batch), jax.random.key(0)
     )
-    inference = create_model(dataclasses.replace(cfg.model, freeze_backbone_batchnorm=True))
-    training = create_model(cfg.model)
-    expected = _reference_loss(inference, variables, batch, 0, cfg)
-    # (rtol: jit and eager round differently; the two BatchNorm modes differ by far more)
-    np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-4)
+    inference = dataclasses.replace(cfg.model, freeze_backbone_batchnorm=True)
+    expected = _reference_loss(cfg, variables, batch, 0, model_config=inference)
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-4)
     # The two modes differ on this batch, so the comparison above tells them apart.
-    assert abs(float(_reference_loss(training, variables, batch, 0, cfg)) - float(expected)) > 1e-3
+    assert abs(_reference_loss(cfg, variables, batch, 0) - expected) > 1e-3
     after = jax.device_get(state.batch_stats)
     jax.tree.map(
         np.testing.assert_array_equal, after["backbone"], variables["batch_stats"]["backbone"]
     )
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
-def test_stage_two_starts_the_backbone_optimiser_afresh(splits, schedule):
+@pytest.mark.parametrize("cfg", [TWO_STAGE, PLATEAU], ids=["cosine", "plateau"])
+def test_stage_two_starts_the_backbone_optimiser_afresh(splits, cfg):
     # Stage 1 must leave the backbone's AdamW untouched (its step count included), so that
     # stage 2's first backbone update is that of a fresh AdamW on the same gradients: Adam's
     # bias correction makes it about the learning rate per weight, whatever the gradient's size.
-    cfg, batch = override(TWO_STAGE, {"train.lr_schedule": schedule}), _batch(splits)
-    tc = cfg.train
-    state = train.create_train_state(cfg, 4)
+    tc, host_batch = cfg.train, _batch(splits)
+    state, batch = _on_mesh(train.create_train_state(cfg, 4), host_batch)
     frozen = train.make_train_step(cfg, 4, freeze_backbone=True)
     for _ in range(4):  # the head-only epoch
         state, _ = frozen(state, batch, jax.random.key(0))
-    if schedule == "plateau":  # as fit does at the end of stage 1
+    if tc.lr_schedule == "plateau":  # as fit does at the end of stage 1
         state = train._advance_plateau(tc, state, 1.0, restart=True)
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    model = create_model(cfg.model)
-    grads = jax.jit(jax.grad(
-        lambda p: _reference_loss(model, {**variables, "params": p}, batch, 4, cfg)
-    ))(variables["params"])["backbone"]  # fmt: skip
+    grads = _reference_grad_fn(cfg.model)(
+        variables["params"], variables, host_batch, 4, tc.label_smoothing
+    )["backbone"]
     state, metrics = train.make_train_step(cfg, 4)(state, batch, jax.random.key(0))
     assert int(metrics["step"]) == 4 and not bool(metrics["skipped"])
 
@@ -233,10 +281,13 @@ def test_stage_two_starts_the_backbone_optimiser_afresh(splits, schedule):
     fresh = optax.adamw(lr, weight_decay=tc.weight_decay,
                         mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))  # fmt: skip
     w0 = variables["params"]["backbone"]
-    updates, _ = fresh.update(grads, fresh.init(w0), w0)
-    expected = jax.tree.leaves(optax.apply_updates(w0, updates))
-    w1, w0, grads = (
-        jax.tree.leaves(jax.device_get(t)) for t in (state.params["backbone"], w0, grads)
+    # (jitted: op by op, AdamW on MobileNetV2's ~160 arrays takes ~20 s of compilations here)
+    first_update = jax.jit(
+        lambda g, w: optax.apply_updates(w, fresh.update(g, fresh.init(w), w)[0])
+    )
+    expected = first_update(grads, w0)
+    w1, expected, w0, grads = (
+        jax.tree.leaves(jax.device_get(t)) for t in (state.params["backbone"], expected, w0, grads)
     )
     # Adam's first step is about +-lr whatever the gradient's size, so it is compared where the
     # gradient is clearly not 0: some are 0 but for rounding (a BatchNorm bias before another
@@ -255,26 +306,6 @@ def test_stage_two_starts_the_backbone_optimiser_afresh(splits, schedule):
 
 def _strip(history):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in history]
-
-
-def test_a_two_stage_run_resumes_exactly_in_either_stage(splits, tmp_path):
-    # The backbone's optimiser counts only stage 2's steps; a run stopped in stage 1, then in
-    # stage 2, and resumed, still ends where the uninterrupted run does.
-    whole = train.fit(TWO_STAGE, tmp_path / "whole", splits=splits, progress_bar=False)
-    assert [r["stage"] for r in whole.history] == ["head", "all", "all"]
-    parts = tmp_path / "parts"
-    for stop in (2, 6):
-        result = train.fit(TWO_STAGE, parts, splits=splits, max_steps=stop, progress_bar=False)
-        assert result.interrupted and int(result.state.step) == stop
-    resumed = train.fit(TWO_STAGE, parts, splits=splits, progress_bar=False)
-    assert resumed.finished and _strip(resumed.history) == _strip(whole.history)
-    jax.tree.map(
-        np.testing.assert_array_equal,
-        jax.device_get((resumed.state.params, resumed.state.batch_stats, resumed.state.opt_state)),
-        jax.device_get((whole.state.params, whole.state.batch_stats, whole.state.opt_state)),
-    )
-    counts = jax.device_get(train._schedule_counts(resumed.state.opt_state))
-    assert {k: int(v) for k, v in counts.items()} == {"head": 12, "backbone": 8}
 
 
 def test_an_optimiser_state_that_counts_otherwise_is_refused():
@@ -466,16 +497,14 @@ def test_ctrl_c_asks_to_stop_and_a_second_one_goes_to_the_previous_handler(caplo
 def test_early_stopping_and_model_mismatch(splits, tmp_path):
     # The rule: stop after `patience` epochs in a row without a new best validation accuracy.
     # With a head-only first epoch: the two-stage loop runs the frozen step, then the full one.
-    cfg = override(
-        CONFIG,
-        {"train.epochs": 6, "train.early_stopping_patience": 1, "train.head_only_epochs": 1},
-    )
+    # (TWO_STAGE's programs: the rule runs on the host, so its patience is not part of them)
+    cfg = override(TWO_STAGE, {"train.early_stopping_patience": 1})
     result = train.fit(cfg, tmp_path, splits=splits, progress_bar=False)
     assert [r["stage"] for r in result.history][:2] == ["head", "all"]
     accs = [r["val_accuracy"] for r in result.history]
     stop = next((i for i in range(1, len(accs)) if accs[i] <= max(accs[:i])), None)
     if stop is None:
-        assert len(accs) == 6 and not result.stopped_early
+        assert len(accs) == cfg.train.epochs and not result.stopped_early
     else:
         assert len(accs) == stop + 1 and result.stopped_early and result.finished
     assert result.best_val_accuracy == max(accs)
@@ -494,10 +523,8 @@ def test_too_few_images_for_a_batch():
 
 
 def test_a_non_finite_step_changes_nothing_but_the_step(splits):
-    images, labels = splits.train.get_batch(np.arange(8))
-    batch = {"image": images[:, None], "label": labels}
     step = train.make_train_step(CONFIG, 4)
-    state = train.create_train_state(CONFIG, 4)
+    state, batch = _on_mesh(train.create_train_state(CONFIG, 4), _batch(splits))
     for _ in range(2):
         state, metrics = step(state, batch, jax.random.key(0))
     assert not bool(metrics["skipped"]) and int(metrics["step"]) == 1
@@ -506,7 +533,7 @@ def test_a_non_finite_step_changes_nothing_but_the_step(splits):
     # One NaN weight makes the loss and every gradient NaN: the step must leave all as it was.
     params = jax.tree.map(np.array, jax.device_get(state.params))  # writable copies
     params["logits"]["bias"][0] = np.nan
-    state = state.replace(params=params)
+    state = _on_mesh(state.replace(params=params))
     before = jax.device_get((state.params, state.opt_state, state.batch_stats))
     state, metrics = step(state, batch, jax.random.key(0))
     assert bool(metrics["skipped"]) and not np.isfinite(float(metrics["loss"]))
@@ -524,15 +551,15 @@ def test_a_non_finite_step_changes_nothing_but_the_step(splits):
 def test_after_a_skipped_step_the_logged_rate_is_the_applied_one(splits):
     # A skipped step moves the schedule on with the step: the next step applies the rate the
     # uninterrupted schedule gives it, and logs that rate. Steps 0 and 1 are CONFIG's warm-up.
-    batch, key = _batch(splits), jax.random.key(0)
-    step = train.make_train_step(CONFIG, 4)
-    state, _ = step(train.create_train_state(CONFIG, 4), batch, key)
+    state, batch = _on_mesh(train.create_train_state(CONFIG, 4), _batch(splits))
+    step, key = train.make_train_step(CONFIG, 4), jax.random.key(0)
+    state, _ = step(state, batch, key)
     good = jax.device_get(state.params)
     bad = jax.tree.map(np.array, good)
     bad["logits"]["bias"][0] = np.nan
-    state, metrics = step(state.replace(params=bad), batch, key)
+    state, metrics = step(_on_mesh(state.replace(params=bad)), batch, key)
     assert bool(metrics["skipped"]) and int(metrics["step"]) == 1
-    state, metrics = step(state.replace(params=good), batch, key)
+    state, metrics = step(_on_mesh(state.replace(params=good)), batch, key)
     assert int(metrics["step"]) == 2 and not bool(metrics["skipped"])
     head, _ = train.learning_rate_schedules(CONFIG.train, 4)
     assert float(head(1)) < float(head(2))  # so a schedule one step late would show
@@ -697,17 +724,16 @@ def test_har_train_lists_skipped_images_and_stops_cleanly_on_ctrl_c(tmp_path):
 
 def test_label_smoothing_is_applied(splits):
     """The step's loss is the label-smoothed cross-entropy, not the plain one (a setting that
-    did nothing would not show). TWO_STAGE's step is compiled by the tests above already."""
+    did nothing would not show)."""
     cfg, batch = TWO_STAGE, _batch(splits)
     state = train.create_train_state(cfg, 4)
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    _, metrics = train.make_train_step(cfg, 4)(state, batch, jax.random.key(0))
-    model = create_model(cfg.model)
-    smoothed = float(_reference_loss(model, variables, batch, 0, cfg))
+    _, metrics = train.make_train_step(cfg, 4)(*_on_mesh(state, batch), jax.random.key(0))
+    smoothed = _reference_loss(cfg, variables, batch, 0)
     plain = override(cfg, {"train.label_smoothing": 0.0})
-    assert abs(smoothed - float(_reference_loss(model, variables, batch, 0, plain))) > 1e-3
+    assert abs(smoothed - _reference_loss(plain, variables, batch, 0)) > 1e-3
     assert cfg.train.label_smoothing > 0
-    np.testing.assert_allclose(float(metrics["loss"]), smoothed, rtol=1e-4)  # jit vs eager
+    np.testing.assert_allclose(float(metrics["loss"]), smoothed, rtol=1e-4)
 
 
 def test_weight_decay_shrinks_kernels_only():

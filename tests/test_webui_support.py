@@ -134,7 +134,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
         from har_flax import checkpoint, config, models
 
-        cfg = config.tiny()
+        # Served as a default model is (see grpc_support.tiny_model_dir).
+        cfg = config.override(config.tiny(), {"model.depthwise_impl": "auto"})
         variables = models.init_variables(cfg.model, jax.random.key(0))
         checkpoint.save_model(
             path, config=cfg, classes=list(TINY_CLASSES), variables=variables, kind="action"
