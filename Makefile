@@ -20,8 +20,13 @@ $(STAMP): setup.cfg pyproject.toml
 serve: install
 	$(PY) scripts/serve_all.py $(if $(MODEL),--model $(MODEL))
 
+# Two pytest workers (pytest-xdist), one test file each at a time: most of the suite waits on
+# XLA compiling, one core's work, so a 2-core machine runs it in about 10 minutes, not 15.
+# `make test TEST_WORKERS=0` runs it in one process; plain `pytest` does too.
+TEST_WORKERS ?= 2
+
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .
