@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,6 +87,16 @@ def test_array_record_files_and_sizes_do_not_collide(data_dir, tmp_path):
         assert b.as_data_source("train")[0]["image"].shape == (s, s, 3)
     assert b32.info.metadata["image_size"] == 32
     assert isinstance(b32, HarKaggle)
+
+
+def test_preparing_leaves_nothing_in_the_temporary_folder(data_dir, tmp_path, monkeypatch):
+    # TFDS made an empty tmp*tfds folder there per preparation (see _LocalDatasetInfo).
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    builder = prepare(data_dir, image_size=32, tfds_dir=tmp_path / "tfds")
+    assert len(builder.as_data_source("train")) > 0
+    assert os.listdir(tmp) == []
 
 
 def test_prepared_once_and_rebuilt_when_the_data_changes(data_dir, tmp_path):

@@ -118,6 +118,18 @@ def _decode_or_reason(path: Path, size: int) -> tuple[np.ndarray | None, str | N
         return None, f"cannot be read ({e.strerror or e})"
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """DatasetInfo of a data set that is never on TFDS' GCS bucket.
+
+    TFDS looks for an unprepared data set's info there, making a temporary folder first; with
+    GCS disabled it returns without removing it, so every preparation left an empty
+    /tmp/tmp*tfds folder behind.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        pass
+
+
 class HarKaggle(tfds.core.GeneratorBasedBuilder):
     """Kaggle "Human Action Recognition" layout, or any data set in that layout."""
 
@@ -185,7 +197,7 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         s = self.image_size
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             description="Human actions in still images, resized to uint8 squares.",
             features=tfds.features.FeaturesDict(
