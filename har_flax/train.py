@@ -642,13 +642,17 @@ def fit(
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    # From here on, SIGINT/SIGTERM (Ctrl-C, a preemption) ask for a checkpoint and a stop at
+    # the next step, also while the run is being set up: then it stops before its first step.
     with (
+        _stop_on_signal() as stop_requested,
         workdir_lock(workdir),
         _CompileStats(enable_compilation_cache(workdir)) as compile_stats,
     ):
         result = _fit(
-            config, workdir, data_dir, splits, max_steps, mesh, progress_bar, compile_stats
-        )
+            config, workdir, data_dir, splits, max_steps, mesh, progress_bar, compile_stats,
+            stop_requested,
+        )  # fmt: skip
     if compile_stats.compiled or compile_stats.loaded:
         log.info(compile_stats.summary())
     return result
@@ -663,6 +667,7 @@ def _fit(
     mesh: jax.sharding.Mesh | None,
     progress_bar: bool,
     compile_stats: _CompileStats,
+    stop_requested: Callable[[], bool],
 ) -> FitResult:
     if splits is None:
         if data_dir is None:
@@ -772,7 +777,7 @@ def _fit(
     bar = _progress_bar(total_steps, global_step, progress_bar and jax.process_index() == 0)
     guard = _NonFiniteGuard(tc.max_nonfinite_steps)
 
-    with _stop_on_signal() as stop_requested, bar, _closing_on_error(ckpts):
+    with bar, _closing_on_error(ckpts):
         for epoch in range(progress["epoch"], tc.epochs):
             frozen = epoch < tc.head_only_epochs
             order = epoch_permutation(len(splits.train), tc.seed, epoch)

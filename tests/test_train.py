@@ -688,13 +688,13 @@ def test_har_train_checks_its_directories_before_anything(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
-def test_har_train_lists_skipped_images_and_stops_cleanly_on_ctrl_c(tmp_path):
-    data = write_synthetic_kaggle(tmp_path / "data", train_per_class=14, test_count=3, seed=5)
+def test_har_train_stops_cleanly_on_ctrl_c_and_lists_skipped_images(tmp_path):
+    data = write_synthetic_kaggle(tmp_path / "data", train_per_class=40, test_count=3, seed=5)
     (data / "train" / "Image_3.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     command = [os.path.join(os.path.dirname(sys.executable), "har-train"), "--data-dir",
                str(data), "--workdir", str(tmp_path / "w"), "--config", "tiny", "--no-progress",
                "--set", "data.skip_bad_images=true"]  # fmt: skip
-    # Ctrl-C while it builds the model (outside the training loop): a message, no traceback.
+    # Ctrl-C while it prepares the data (before the training loop): a message, no traceback.
     # As from a terminal: SIGINT not ignored, whatever this process inherited (a job started
     # in the background by a non-interactive shell ignores it, and so would its children).
     # A small launcher resets it and execs (preexec_fn would fork this multithreaded process).
@@ -705,18 +705,78 @@ def test_har_train_lists_skipped_images_and_stops_cleanly_on_ctrl_c(tmp_path):
     err = []
     for line in proc.stderr:
         err.append(line)
-        if "Image_3.jpg" in line:
+        if "har_builder: preparing" in line:  # then it decodes 123 images
             break
     proc.send_signal(signal.SIGINT)
     _, rest = proc.communicate(timeout=120)
     err = "".join(err) + rest
     assert proc.returncode == 130, err
-    assert "har-train: skipped 1 bad rows or images (data.skip_bad_images):" in err
-    assert "  Image_3.jpg: " in err
     assert "har-train: interrupted; the same command goes on" in err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "Exception ignored" not in err
     with train.workdir_lock(tmp_path / "w"):  # the lock went with the process
         pass
+
+    # Run again (up to step 0: a checkpoint and no training), it lists the image it skips.
+    done = subprocess.run([*command, "--max-steps", "0"], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "har-train: skipped 1 bad rows or images (data.skip_bad_images):" in done.stderr
+    assert "  Image_3.jpg: " in done.stderr
+    assert "stopped at step 0; run the same command to resume" in done.stdout
+
+
+def test_a_ctrl_c_that_python_drops_still_stops_har_train(monkeypatch):
+    # Python drops an exception raised in a __del__ or a gc callback (JAX runs one at every
+    # collection): a KeyboardInterrupt raised there by Ctrl-C vanished, and the run went on.
+    from har_flax.cli.train import _Interrupts
+
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
+
+    class Collected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs here, at a jump
+                pass
+
+    before = signal.getsignal(signal.SIGINT)
+    with _Interrupts() as interrupts:
+        Collected()  # freed at once
+        assert dropped == [KeyboardInterrupt]
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.check()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+class _SignalOnLen:
+    """A training source that sends this process ``signum`` when its size is first asked for,
+    which fit does as it sets the run up (before its state, checkpoints or programs)."""
+
+    def __init__(self, source, signum):
+        self.source, self.signum, self.sent = source, signum, False
+        self.labels = source.labels
+
+    def __len__(self):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+        return len(self.source)
+
+    def get_batch(self, indices):
+        return self.source.get_batch(indices)
+
+
+def test_a_signal_while_the_run_is_set_up_stops_it_before_its_first_step(splits, tmp_path, caplog):
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    stopped = dataclasses.replace(splits, train=_SignalOnLen(splits.train, signal.SIGINT))
+    with caplog.at_level(logging.INFO, logger="har_flax.train"):
+        first = train.fit(CONFIG, tmp_path / "w", splits=stopped, progress_bar=False)
+    assert stopped.train.sent and first.interrupted and int(first.state.step) == 0
+    assert f"signal {signal.SIGINT}: saving a checkpoint and stopping" in caplog.text
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    assert [p.name for p in (tmp_path / "w" / "checkpoints" / "latest").iterdir()] == ["0"]
+    resumed = train.fit(CONFIG, tmp_path / "w", splits=splits, max_steps=4, progress_bar=False)
+    assert [r["epoch"] for r in resumed.history] == [1]
 
 
 # --- Units that mutation testing showed untested -------------------------------------------------

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from har_flax.cli import out_dir_problem, print_skipped
@@ -92,6 +94,54 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+    # Ctrl-C before the training loop (importing JAX, preparing the data) ends the command;
+    # from fit on, it saves a checkpoint and stops at the next step instead.
+    try:
+        with _Interrupts() as interrupts:
+            return _train(parser, args, interrupts)
+    except KeyboardInterrupt:
+        print(
+            "har-train: interrupted; the same command goes on from the latest checkpoint, if "
+            "one was saved (a data preparation cut off starts over)",
+            file=sys.stderr,
+        )
+        return 130
+
+
+class _Interrupts:
+    """While entered, SIGINT raises KeyboardInterrupt and is remembered (main thread only).
+
+    Remembered because Python drops an exception raised in a garbage-collector callback or a
+    ``__del__`` ("Exception ignored in ..."), and JAX runs one at every collection: such a
+    Ctrl-C was lost and the run went on to the end. :meth:`check` raises it again.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous = None
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raises KeyboardInterrupt if a Ctrl-C came (and was dropped on its way)."""
+        if self.seen:
+            raise KeyboardInterrupt
+
+
+def _train(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, interrupts: _Interrupts
+) -> int:
     from har_flax import sharding  # noqa: PLC0415 (--help answers without importing JAX)
     from har_flax.config import get_config, override
 
@@ -119,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 "har_flax:load_splits",
             )
+            interrupts.check()
             print_skipped("har-train", splits.skipped, "data.skip_bad_images")
             print_skipped(
                 "har-train",
@@ -126,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 "Testing_set.csv / test/, which training does not read",
                 "; har-evaluate refuses them until they are fixed or it is given --skip-bad-images",
             )
+            interrupts.check()
             result = train.fit(
                 config,
                 args.workdir,
@@ -133,15 +185,6 @@ def main(argv: list[str] | None = None) -> int:
                 max_steps=args.max_steps,
                 progress_bar=not args.no_progress,
             )
-    except KeyboardInterrupt:
-        # Ctrl-C outside the training loop (preparing the data, building the model); inside
-        # it, the loop saves a checkpoint and returns instead.
-        print(
-            "har-train: interrupted; the same command goes on from the latest checkpoint, if "
-            "one was saved (a data preparation cut off starts over)",
-            file=sys.stderr,
-        )
-        return 130
     except (DataError, ValueError, OSError, CheckpointError, train.TrainingDivergedError) as e:
         print(f"har-train: error: {e}", file=sys.stderr)
         return 1
