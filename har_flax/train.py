@@ -642,17 +642,28 @@ def fit(
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    # From here on, SIGINT/SIGTERM (Ctrl-C, a preemption) ask for a checkpoint and a stop at
-    # the next step, also while the run is being set up: then it stops before its first step.
-    with (
-        _stop_on_signal() as stop_requested,
-        workdir_lock(workdir),
-        _CompileStats(enable_compilation_cache(workdir)) as compile_stats,
-    ):
-        result = _fit(
-            config, workdir, data_dir, splits, max_steps, mesh, progress_bar, compile_stats,
-            stop_requested,
-        )  # fmt: skip
+    with workdir_lock(workdir):
+        if splits is None:  # Ctrl-C here raises KeyboardInterrupt: a preparation starts over
+            if data_dir is None:
+                raise ValueError("fit needs data_dir or splits")
+            from har_flax.data import load_splits
+
+            splits = sharding.process_zero_first(
+                lambda: load_splits(
+                    data_dir, workdir, image_size=config.model.image_size, data_config=config.data
+                ),
+                "har_flax:load_splits",
+            )
+        # From here on, SIGINT/SIGTERM (Ctrl-C, a preemption) ask for a checkpoint and a stop
+        # at the next step, also while the run is set up: then it stops before its first step.
+        with (
+            _stop_on_signal() as stop_requested,
+            _CompileStats(enable_compilation_cache(workdir)) as compile_stats,
+        ):
+            result = _fit(
+                config, workdir, splits, max_steps, mesh, progress_bar, compile_stats,
+                stop_requested,
+            )  # fmt: skip
     if compile_stats.compiled or compile_stats.loaded:
         log.info(compile_stats.summary())
     return result
@@ -661,7 +672,6 @@ def fit(
 def _fit(
     config: Config,
     workdir: Path,
-    data_dir: str | Path | None,
     splits: Any,
     max_steps: int | None,
     mesh: jax.sharding.Mesh | None,
@@ -669,17 +679,6 @@ def _fit(
     compile_stats: _CompileStats,
     stop_requested: Callable[[], bool],
 ) -> FitResult:
-    if splits is None:
-        if data_dir is None:
-            raise ValueError("fit needs data_dir or splits")
-        from har_flax.data import load_splits
-
-        splits = sharding.process_zero_first(
-            lambda: load_splits(
-                data_dir, workdir, image_size=config.model.image_size, data_config=config.data
-            ),
-            "har_flax:load_splits",
-        )
     classes = tuple(splits.classes)
     if config.model.num_classes != len(classes):
         log.info("model.num_classes = %d (from the data)", len(classes))

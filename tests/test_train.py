@@ -50,7 +50,7 @@ PLATEAU = override(
     {"train.lr_schedule": "plateau", "train.plateau_patience": 1, "train.epochs": 5,
      "train.finetune_learning_rate": 3e-3},
 )  # fmt: skip
-# Compiling one of these train steps takes ~25 s on 2 CPU cores, and each configuration is a
+# Compiling one of these train steps takes ~20 s on 2 CPU cores, and each configuration is a
 # program of its own (its schedule and settings are constants in it). So the tests share few
 # configurations (CONFIG, TWO_STAGE, PLATEAU) and run steps the way fit places them
 # (_on_mesh): a test calling a step runs the very program a fit of that configuration compiled.
@@ -512,6 +512,17 @@ def test_early_stopping_and_model_mismatch(splits, tmp_path):
     # Resuming a run with another model is refused with the fields that differ.
     with pytest.raises(ValueError, match="cannot change: model.lstm_units: 16 saved, 8 requested"):
         train.fit(override(cfg, {"model.lstm_units": 8}), tmp_path, splits=splits)
+
+
+def test_fit_reads_a_kaggle_layout_itself(tmp_path):
+    data = write_synthetic_kaggle(tmp_path / "data", train_per_class=14, test_count=3, seed=2)
+    # Up to step 0: the data prepared and split, a checkpoint, no training.
+    result = train.fit(CONFIG, tmp_path / "w", data_dir=data, max_steps=0, progress_bar=False)
+    assert result.interrupted and int(result.state.step) == 0
+    assert result.classes == ("calling", "clapping", "cycling")
+    assert (tmp_path / "w" / "split.json").exists() and (tmp_path / "w" / "tfds").is_dir()
+    with pytest.raises(ValueError, match="fit needs data_dir or splits"):
+        train.fit(CONFIG, tmp_path / "v")
 
 
 def test_too_few_images_for_a_batch():
