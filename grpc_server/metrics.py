@@ -47,6 +47,13 @@ class Metrics:
             ("reason",),
             registry=r,
         )
+        self.abandoned = prom.Counter(
+            "har_requests_abandoned",
+            "Predict calls whose client had gone (deadline or cancel) while the server was "
+            "still preparing them, by stage; the work stopped there.",
+            ("stage",),
+            registry=r,
+        )
         self.model = prom.Info("har_model", "The model being served.", registry=r)
         self.ready = prom.Gauge("har_model_ready", "1 once the model is warmed up.", registry=r)
 
@@ -60,6 +67,9 @@ class Metrics:
 
     def dropped(self, reason: str) -> None:
         self.drops.labels(reason).inc()
+
+    def abandoned_at(self, stage: str) -> None:
+        self.abandoned.labels(stage).inc()
 
     def serve(self, port: int, host: str = "0.0.0.0"):
         """Starts the /metrics HTTP endpoint in a daemon thread.

@@ -21,7 +21,7 @@ from grpc_server.batcher import (
 )
 from grpc_server.errors import RpcFailure, handle_failures, invalid_argument, unavailable
 from grpc_server.interceptors import annotate
-from har_flax.images import ImageError, ImageTooLargeError
+from har_flax.images import ImageError, ImageTooLargeError, PrepareCancelled
 from har_flax.proto.har.v1 import har_pb2, har_pb2_grpc
 
 
@@ -169,9 +169,14 @@ class ActionRecognitionServicer(har_pb2_grpc.ActionRecognitionServicer):
                 reason="BAD_TOP_K",
             )
         try:
-            sample = predictor.prepare(images)
+            # A client that has gone (deadline, cancel) stops the decoding at the next frame.
+            sample = predictor.prepare(images, cancelled=lambda: not context.is_active())
         except ImageError as e:
             raise image_failure(e) from None
+        except PrepareCancelled:
+            if self._metrics is not None:
+                self._metrics.abandoned_at("decoding")
+            raise _gone(context, "the server decoded the images") from None
         frames = int(sample.shape[0]) if getattr(sample, "ndim", 0) == 4 else 1
         annotate(frames=frames)
 
@@ -232,14 +237,14 @@ class ActionRecognitionServicer(har_pb2_grpc.ActionRecognitionServicer):
         return scores, ticket.batch_size
 
 
-def _gone(context) -> RpcFailure:
+def _gone(context, during: str = "the request waited for the model") -> RpcFailure:
     """The failure for a call that ended (deadline or cancel) before the model ran it."""
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         return RpcFailure(
             grpc.StatusCode.DEADLINE_EXCEEDED,
-            "the deadline passed while the request waited for the model; allow more time or "
-            "retry when the server is less busy",
+            f"the deadline passed while {during}; allow more time or retry when the server is "
+            "less busy",
             reason="DEADLINE_EXCEEDED",
         )
     return RpcFailure(grpc.StatusCode.CANCELLED, "the call was cancelled", reason="CANCELLED")

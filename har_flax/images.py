@@ -85,6 +85,10 @@ class ImageLimits:
             )
 
 
+class PrepareCancelled(Exception):
+    """Decoding stopped because its caller no longer wants the answer (its client has gone)."""
+
+
 class ImageError(ValueError):
     """An image in a request cannot be used. ``str(e)`` is a message a person can act on.
 

@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from har_flax.images import (
     ImageLimits,
     ImageTooLargeError,
     InvalidImageError,
+    PrepareCancelled,
     iter_frames,
     resize_frame,
 )
@@ -418,7 +419,9 @@ class Predictor:
 
     # -- the public API -------------------------------------------------------------------------
 
-    def prepare(self, images: Sequence[bytes]) -> np.ndarray:
+    def prepare(
+        self, images: Sequence[bytes], *, cancelled: Callable[[], bool] | None = None
+    ) -> np.ndarray:
         """Decodes and resizes one request into the sample the model takes.
 
         One image is a still, several are the frames of one sequence in order, and an animated
@@ -428,6 +431,8 @@ class Predictor:
 
         Args:
           images: the encoded images of one request (a lone ``bytes`` counts as one image).
+          cancelled: asked before each frame is decoded; True (say the caller's deadline has
+            passed) stops the work with :class:`~har_flax.images.PrepareCancelled`.
 
         Returns:
           uint8 (T, S, S, 3): T = ``info.num_frames`` for a sequence model, the number of frames
@@ -438,6 +443,7 @@ class Predictor:
             ``"images"`` for the request as a whole) and ``.frame``.
           TypeError: ``images`` is not bytes or a sequence of bytes (a path, an open file, a
             decoded array); the message says what to pass instead.
+          PrepareCancelled: ``cancelled()`` said so.
         """
         encoded = (bytes, bytearray, memoryview)
         if isinstance(images, encoded):
@@ -462,9 +468,13 @@ class Predictor:
         budget = [self.limits.max_frames, self.limits.max_total_pixels]
         frames = []
         for i, data in enumerate(images):
+            if cancelled is not None and cancelled():
+                raise PrepareCancelled(f"cancelled after {len(frames)} frames")
             # Resize each frame as soon as it is decoded: only one full-size frame is in memory.
             for frame in iter_frames(data, limits=self.limits, field=f"images[{i}]", budget=budget):
                 frames.append(resize_frame(frame, size))
+                if cancelled is not None and cancelled():
+                    raise PrepareCancelled(f"cancelled after {len(frames)} frames")
         sample = np.stack(frames)  # (N, S, S, 3)
         if not self._per_frame and len(sample) != self.info.num_frames:
             sample = sample[frame_indices(len(sample), self.info.num_frames)]  # (T, S, S, 3)
