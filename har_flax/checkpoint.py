@@ -399,7 +399,6 @@ class TrainCheckpoints:
 
     def close(self) -> None:
         for manager in self._managers.values():
-            _await_tmp_cleanup(manager)
             manager.wait_until_finished()
             manager.close()
 
