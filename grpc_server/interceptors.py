@@ -143,11 +143,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
     """Requires `authorization: Bearer <token>` metadata on every non-open method.
 
     The scheme is matched in any case (`bearer`, `BEARER`: RFC 7235 makes it case-insensitive);
-    the token is compared in constant time.
+    the token is compared in constant time. A refusal runs on `fast_pool`: a client without the
+    token neither waits for a handler thread nor holds one of the places that --max-queue
+    keeps for Predict calls.
     """
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, fast_pool: futures.ThreadPoolExecutor):
         self._expected = token.encode()
+        self._fast = fast_pool
 
     def _valid(self, value: str) -> bool:
         scheme, _, credentials = value.strip().partition(" ")
@@ -168,7 +171,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             else "invalid bearer token"
         )
         failure = RpcFailure(grpc.StatusCode.UNAUTHENTICATED, message, reason="UNAUTHENTICATED")
-        return _replace_behavior(handler, _reject(failure))
+        return _replace_behavior(handler, _reject(failure, pool=self._fast))
 
 
 def peer_host(peer: str) -> str:

@@ -199,7 +199,7 @@ class HarServer:
             MessageSizeInterceptor(c.max_message_bytes),
         ]
         if c.auth_token:
-            chain.append(AuthInterceptor(c.auth_token))
+            chain.append(AuthInterceptor(c.auth_token, fast_pool))
         if c.rate_limit > 0:
             chain.append(RateLimitInterceptor(c.rate_limit, c.rate_burst))
         # Innermost, so an unauthenticated or rate-limited client hears that, not OVERLOADED.

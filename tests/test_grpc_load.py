@@ -376,6 +376,30 @@ def test_health_answers_promptly_while_predict_is_saturated(one_worker, inputs):
     assert grpc.StatusCode.OK in codes
 
 
+def test_a_call_without_the_token_is_refused_at_once_while_predict_is_busy(predictor, inputs):
+    """The refusal runs on the fast pool: it neither waits for the only handler thread nor
+    takes the one queue place from a client with the token."""
+    token = "t0ken"
+    server = _server(predictor, batching=True, max_batch_size=8, max_wait_us=int(HOLD_S * 1e6),
+                     workers=1, max_queue=1, auth_token=token)  # fmt: skip
+    client = stub(f"127.0.0.1:{server.port}")
+    request = har_pb2.PredictRequest(images=[inputs[2]])
+    bearer = (("authorization", f"Bearer {token}"),)
+    try:
+        held = client.Predict.future(request, timeout=30, metadata=bearer)
+        time.sleep(0.3)  # it holds the only handler thread, waiting HOLD_S for company
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as e:
+                client.Predict(request, timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert not held.done(), "the refusals waited for the handler thread"
+        # The queue place is still free for a client with the token.
+        queued = client.Predict.future(request, timeout=30, metadata=bearer)
+        assert _outcome(held)[0] == _outcome(queued)[0] == grpc.StatusCode.OK
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def small_messages(predictor):
     server = _server(predictor, batching=False, max_message_bytes=256 * 1024)
