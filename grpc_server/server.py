@@ -18,7 +18,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from grpc_server.config import ServerConfig
 from grpc_server.interceptors import (
@@ -257,9 +256,7 @@ class HarServer:
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._reflection is not None:
-            enable_documented_reflection(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-            )
+            enable_documented_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
         address = f"{c.host}:{c.port}"
         # Read first: an unreadable TLS file is its own error, not a port problem.
         credentials = server_credentials(c) if c.tls else None

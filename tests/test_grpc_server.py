@@ -124,11 +124,14 @@ def test_grpcurl_lists_describes_and_calls_every_method(server, cat_jpeg):
     assert reply["all_predictions"][0]["action"] == reply["action"]
 
 
-def test_node_client_calls_classes_and_predict(server, cat_jpeg, client, tmp_path):
+def _node() -> str:
+    """The node binary, once tests/node_client's packages are installed (the client's, and
+    buf's CLI)."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         pytest.skip("Node.js is not installed")
-    if not (NODE_CLIENT / "node_modules" / "@grpc" / "grpc-js").is_dir():
+    modules = NODE_CLIENT / "node_modules"
+    if not ((modules / "@grpc" / "grpc-js").is_dir() and (modules / ".bin" / "buf").exists()):
         # `npm ci` installs exactly the committed lock file.
         subprocess.run(
             [npm, "ci", "--no-audit", "--no-fund"],
@@ -137,6 +140,40 @@ def test_node_client_calls_classes_and_predict(server, cat_jpeg, client, tmp_pat
             capture_output=True,
             timeout=600,
         )
+    return node
+
+
+@pytest.mark.parametrize("protocol", ["grpc-v1", "grpc-v1alpha"])
+def test_buf_curl_reflects_over_either_protocol_and_calls_predict(server, cat_jpeg, protocol):
+    """buf curl, grpcurl 1.9+ and grpcui ask reflection v1 first; some newer clients ask only
+    that. grpcio-reflection serves v1alpha alone, so the server adds v1."""
+    _node()
+    buf = [str(NODE_CLIENT / "node_modules" / ".bin" / "buf"), "curl", "--protocol", "grpc",
+           "--http2-prior-knowledge", "--reflect-protocol", protocol]  # fmt: skip
+    url = f"http://{server.target}"
+
+    def run(*args: str, stdin: str | None = None) -> str:
+        proc = subprocess.run([*buf, *args], input=stdin, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+        assert proc.returncode == 0, f"buf curl {args}: {proc.stderr}"
+        return proc.stdout
+
+    services = set(run("--list-services", url).split())
+    assert {
+        "har.v1.ActionRecognition",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } == services
+    assert "har.v1.ActionRecognition/Predict" in run("--list-methods", url).split()
+    # The request is encoded from the schema that reflection described.
+    request = json.dumps({"images": [base64.b64encode(cat_jpeg).decode()], "top_k": 2})
+    reply = json.loads(run("-d", "@-", f"{url}/har.v1.ActionRecognition/Predict", stdin=request))
+    assert reply["action"] in CAT_CLASSES and len(reply["allPredictions"]) == 2
+
+
+def test_node_client_calls_classes_and_predict(server, cat_jpeg, client, tmp_path):
+    node = _node()
     photo = tmp_path / "cat.jpg"
     photo.write_bytes(cat_jpeg)
     proc = subprocess.run(
