@@ -19,7 +19,7 @@ from PIL import Image
 
 from har_flax.config import DataConfig
 from har_flax.data import DataError, load_splits
-from har_flax.data.har_builder import HarKaggle, fingerprint, prepare
+from har_flax.data.har_builder import _REMOVING, HarKaggle, fingerprint, images_array, prepare
 from har_flax.data.synthetic import write_synthetic_kaggle
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -303,3 +303,54 @@ def test_a_copy_prepared_meanwhile_by_another_run_is_used(data_dir, tmp_path, mo
     splits = load_splits(data_dir, tmp_path / "w", image_size=20, data_config=DataConfig(),
                          download_dir=tmp_path)  # fmt: skip
     assert splits.dataset_dir == Path(builder.data_dir)
+
+
+def test_a_changed_folder_s_new_copy_removes_its_old_copies_only(
+    data_dir, tmp_path, monkeypatch, caplog
+):
+    """Each change of the data folder makes a copy of the whole set (2.8 GB for Kaggle's at
+    224 px); the copies made before the change can never be read again."""
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO, logger="har_flax.data.har_builder")
+    shutil.copytree(data_dir, tmp_path / "data")
+    shutil.copytree(data_dir, tmp_path / "other")
+    tfds_dir = tmp_path / "tfds"
+    copies = tfds_dir / "har_kaggle"
+
+    def new_version(colour):
+        Image.new("RGB", (60, 50), colour).save(tmp_path / "data" / "train" / "Image_1.jpg")
+        return prepare("data", image_size=32, tfds_dir=tfds_dir, progress=False)
+
+    first = prepare("data", image_size=32, tfds_dir=tfds_dir, progress=False)  # a relative path
+    assert first.info.metadata["source"] == str(tmp_path / "data")
+    images_array(first, "train", progress=False)
+    # Kept: the same folder at another size, another folder at this size.
+    kept = [
+        prepare("data", image_size=24, tfds_dir=tfds_dir, progress=False),
+        prepare(tmp_path / "other", image_size=32, tfds_dir=tfds_dir, progress=False),
+    ]
+    second = new_version((0, 255, 0))
+    assert not Path(first.data_dir).exists()
+    # A build of the second copy's array file in progress (its temporary file is fresh) and
+    # what an interrupted removal left: the first is kept, the second removed.
+    building = Path(second.data_dir) / ".har_kaggle-train.images-0.npy.0.tmp"
+    building.write_bytes(b"")
+    (copies / f"32px-0{_REMOVING}0" / "1.0.0").mkdir(parents=True)
+    third = new_version((0, 0, 255))
+    assert Path(second.data_dir).exists()
+    assert not [p for p in os.listdir(copies) if _REMOVING in p]
+    # Once that build is long over, the next copy removes both older ones.
+    os.utime(building, (time.time() - 3600,) * 2)
+    fourth = new_version((255, 0, 0))
+    assert sorted(p.name for p in copies.glob("*px-*")) == sorted(
+        Path(b.data_dir).parent.name for b in [*kept, fourth]
+    )
+    np.testing.assert_array_equal(
+        images_array(fourth, "train", progress=False)[
+            [f for f, _ in fourth.info.metadata["stored"]["train"]].index("Image_1.jpg")
+        ],
+        _reference(tmp_path / "data" / "train" / "Image_1.jpg", 32),
+    )
+    removed = [m.split()[1].rstrip(",") for m in caplog.messages if m.startswith("removed ")]
+    name = {b: Path(b.data_dir).parent.name for b in (first, second, third)}
+    assert removed[0] == name[first] and sorted(removed[1:]) == sorted([name[second], name[third]])

@@ -199,7 +199,7 @@ def load_splits(
         seed=data_config.split_seed,
         evaluating=evaluating,
         skipped={i.filename for i in skipped if i.split == "train" and i.filename},
-        data_version=builder.builder_config.name.rsplit("-", 1)[-1],
+        data_version=har_builder.data_version(builder),
     )
     index = {c: i for i, c in enumerate(classes)}
     train_images = har_builder.images_array(builder, "train", progress=progress)

@@ -3,10 +3,11 @@
 Images are decoded and resized once (in a thread pool, with a progress bar) with the same
 :func:`har_flax.images.resize_frame` the Predictor uses, and stored as ``Tensor`` features in
 array_record files, which tfds writes and reads by random access without TensorFlow. The config
-name holds the image size and a fingerprint of the data directory, so 32 px and 224 px copies,
-or copies of an edited data set, never collide::
+name holds the image size, a fingerprint of the data directory's files and a hash of its path
+(the "place"), so 32 px and 224 px copies, copies of two folders, or copies of an edited data set
+never collide, and the copies an edit made stale are known (:func:`remove_stale_copies`)::
 
-    TFDS_DIR/har_kaggle/<S>px-<fingerprint>/1.0.0/har_kaggle-{train,test}.array_record-*
+    TFDS_DIR/har_kaggle/<S>px-<fingerprint>-<place>/1.0.0/har_kaggle-{train,test}.array_record-*
 
 Records keep CSV row order (shuffling disabled, keys = CSV line numbers); the builder's
 ``info.metadata`` lists the stored files with their labels, and the skipped rows with reasons.
@@ -16,7 +17,7 @@ than an accelerator trains. So :func:`images_array` copies each split once, on f
 one uint8 ``.npy`` file beside the shards, which training memory-maps: a batch is then a single
 gather::
 
-    TFDS_DIR/har_kaggle/<S>px-<fingerprint>/1.0.0/har_kaggle-{train,test}.images-<shards>.npy
+    TFDS_DIR/har_kaggle/<S>px-<fingerprint>-<place>/1.0.0/har_kaggle-{train,test}.images-<shards>.npy
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -88,6 +91,21 @@ def fingerprint(data_dir: str | Path) -> str:
         for name, size, mtime in entries:
             h.update(f"{folder}/{name}\0{size}\0{mtime}\n".encode())
     return h.hexdigest()[:12]
+
+
+def place(data_dir: str | Path) -> str:
+    """A short hash of the data directory's absolute path (its copies' common name part)."""
+    return hashlib.sha256(os.fsencode(Path(data_dir).resolve())).hexdigest()[:8]
+
+
+def copy_name(data_dir: str | Path, image_size: int) -> str:
+    """The name of ``data_dir``'s copy at ``image_size``: ``<S>px-<fingerprint>-<place>``."""
+    return f"{image_size}px-{fingerprint(data_dir)}-{place(data_dir)}"
+
+
+def data_version(builder: HarKaggle) -> str:
+    """The fingerprint of the files ``builder``'s copy was made from."""
+    return builder.builder_config.name.split("-")[1]
 
 
 def decode_image(path: Path, size: int) -> np.ndarray:
@@ -226,7 +244,8 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
         meta.update(
             classes=list(layout.classes),
             image_size=self.image_size,
-            source=os.fspath(layout.root),
+            # Absolute: remove_stale_copies matches copies of one folder by it, from any cwd.
+            source=os.fspath(layout.root.resolve()),
             skipped=[i.to_dict() for i in [*layout.issues, *(self._unreadable_test or ())]],
             stored={},
         )
@@ -315,7 +334,7 @@ def builder_for(
 ) -> HarKaggle:
     """The builder of ``data_dir`` at ``image_size`` (prepared or not) cached under ``tfds_dir``."""
     config = HarKaggleConfig(
-        name=f"{image_size}px-{fingerprint(data_dir)}",
+        name=copy_name(data_dir, image_size),
         image_size=image_size,
         description=f"{image_size}x{image_size} arrays of {os.fspath(data_dir)}",
     )
@@ -398,6 +417,7 @@ def prepare(
                         "split", len(e.issues))  # fmt: skip
             ours = builder(e.issues)
             build(ours)
+        remove_stale_copies(ours)
     except FileExistsError:
         # tfds prepares into a temporary folder and renames it at the end; another run sharing
         # tfds_dir (a sweep with one --download-dir) renamed the same copy first. Use theirs.
@@ -408,6 +428,82 @@ def prepare(
         log.info("%s was prepared meanwhile by another run; using that copy", theirs.data_dir)
         return theirs
     return ours
+
+
+# A copy being removed is first renamed to this (atomic): tfds never takes it for a prepared one.
+_REMOVING = ".removing-"
+
+
+def remove_stale_copies(current: HarKaggle) -> list[Path]:
+    """Deletes the other prepared copies of ``current``'s data directory at its image size.
+
+    They were made from the folder's files as they were before a change (an image added,
+    replaced, deleted or touched; a CSV edited), so no run can read them again unless the change
+    is undone, and each holds the data set twice (records and array files, about 2.8 GB for the
+    Kaggle set at 224 px). Copies of other folders or at other sizes are kept, and so is a copy
+    whose array file another process is building right now. A copy is renamed before it is
+    deleted, so an interrupted removal never leaves a half copy that looks prepared; what such
+    an interruption left is deleted on the next call.
+
+    Args:
+      current: the copy just prepared.
+
+    Returns:
+      The copies removed (their folders, ``<tfds_dir>/har_kaggle/<S>px-<fingerprint>-<place>``).
+    """
+    here = Path(os.fspath(current.data_dir)).parent  # <tfds_dir>/har_kaggle/<config>
+    source = Path(current.info.metadata["source"])
+    size, _, where = current.builder_config.name.split("-")
+    removed = []
+    for copy in sorted(here.parent.iterdir()):
+        if _REMOVING in copy.name:
+            _remove_tree(copy)
+            continue
+        # Copies named by fingerprint alone (before places) are kept: their folder is unknown.
+        parts = copy.name.split("-")
+        if copy == here or len(parts) != 3 or (parts[0], parts[2]) != (size, where):
+            continue
+        if not _is_stale_copy_of(copy, source, current.image_size):
+            continue
+        nbytes = sum(f.stat().st_size for f in copy.rglob("*") if f.is_file())
+        doomed = copy.with_name(f"{copy.name}{_REMOVING}{uuid.uuid4().hex[:8]}")
+        try:
+            copy.rename(doomed)
+        except OSError as e:  # removed meanwhile by another run, or not ours to move
+            log.debug("kept %s: %s", copy, e)
+            continue
+        _remove_tree(doomed)
+        log.info("removed %s, the %dpx copy of %s before its files changed (%s)", copy.name,
+                 current.image_size, source, images.human_bytes(nbytes))  # fmt: skip
+        removed.append(copy)
+    return removed
+
+
+def _is_stale_copy_of(copy: Path, source: Path, image_size: int) -> bool:
+    """Whether ``copy`` is a finished copy of ``source`` at ``image_size`` that no build uses."""
+    versions = [v for v in copy.iterdir() if v.is_dir()] if copy.is_dir() else []
+    if len(versions) != 1:  # not a copy this code made (or tfds is preparing it)
+        return False
+    try:
+        meta = json.loads((versions[0] / "metadata.json").read_text())
+        same = Path(meta["source"]) == source and meta["image_size"] == image_size
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return same and not any(_written_lately(tmp) for tmp in versions[0].glob(".*.tmp"))
+
+
+def _written_lately(path: Path) -> bool:
+    """Whether a build's temporary file was written within _STALE_TMP_SECONDS (it goes on)."""
+    try:
+        return time.time() - path.stat().st_mtime <= _STALE_TMP_SECONDS
+    except OSError:  # renamed into place or removed meanwhile: that build is over
+        return False
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():  # tried again on the next preparation in this folder
+        log.warning("could not remove all of %s; delete it by hand", path)
 
 
 def images_array(builder: HarKaggle, split: str, *, progress: bool = True) -> np.ndarray:
