@@ -965,8 +965,14 @@ class _Meter:
         self._pending.append(metrics)
 
     def leave_out(self, seconds: float) -> None:
-        """Keeps ``seconds`` just spent (compiling a step) out of the images/s."""
+        """Keeps ``seconds`` just spent (compiling a step) out of the images/s and out of the
+        bar's rate, hence its time left: the bar updates once per ``log_every_steps``, maybe
+        once an epoch, and a 90 s compile counted as one epoch's time would show an hour left
+        for a few minutes' run, for epochs. Its elapsed time stays the wall-clock time.
+        """
         self._tick += seconds
+        if not self.bar.disable:
+            self.bar.last_print_t += seconds  # tqdm's rate: steps / time since its last print
 
     def flush(self) -> None:
         """One host sync: adds every pending step (in order, so sums resume exactly).

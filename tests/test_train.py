@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tqdm
 from PIL import Image
 
 from har_flax import sharding, train
@@ -847,19 +849,37 @@ def test_predict_logits_keeps_each_example_its_own_row():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-class _Bar:
-    def set_postfix(self, **_):
-        pass
+def _metrics(step: int, loss: float = 1.0, skipped: bool = False) -> dict:
+    return {"loss": loss, "accuracy": 0.5, "grad_norm": 1.0, "skipped": skipped, "step": step}
 
-    def update(self, _):
-        pass
+
+def _bar(**kwargs):
+    return tqdm.tqdm(total=100, file=io.StringIO(), **kwargs)
 
 
 def test_skipped_steps_stay_out_of_the_epoch_averages():
     sums = train._new_sums()
-    meter = train._Meter(sums, _Bar(), batch_size=8, guard=train._NonFiniteGuard(10))
+    meter = train._Meter(sums, _bar(), batch_size=8, guard=train._NonFiniteGuard(10))
     for step, (loss, skipped) in enumerate(((1.0, False), (float("nan"), True), (3.0, False))):
-        meter.add({"loss": loss, "accuracy": 0.5, "grad_norm": 1.0, "skipped": skipped,
-                   "step": step})  # fmt: skip
+        meter.add(_metrics(step, loss, skipped))
     meter.flush()
     assert (sums["loss"], sums["accuracy"], sums["steps"], sums["skipped"]) == (4.0, 1.0, 2, 1)
+
+
+def test_compiling_stays_out_of_the_bar_s_rate_and_time_left():
+    """The bar updates once per log_every_steps (maybe once an epoch): a compile counted in
+    its rate would show hours left for a run of minutes, for epochs."""
+    clock = [1000.0]
+    bar = _bar(mininterval=0)
+    bar._time = lambda: clock[0]  # tqdm's clock, which it reads through this attribute
+    bar.start_t = bar.last_print_t = clock[0]
+    meter = train._Meter(train._new_sums(), bar, batch_size=8, guard=train._NonFiniteGuard(10))
+    clock[0] += 30.0  # the first step compiles for 30 s,
+    meter.leave_out(30.0)
+    clock[0] += 1.0  # then it and 9 more run in 1 s
+    for step in range(10):
+        meter.add(_metrics(step))
+    meter.flush()
+    info = bar.format_dict
+    assert info["rate"] == pytest.approx(10.0)  # steps/s, so 9 s left for the other 90 steps
+    assert info["elapsed"] == pytest.approx(31.0)  # the elapsed time is the wall-clock time
