@@ -500,6 +500,7 @@ class FitResult:
     stopped_early: bool
     interrupted: bool  # stopped by max_steps or a signal; run again to resume
     finished: bool  # all epochs done or early-stopped
+    stopped_by_signal: int | None = None  # SIGINT or SIGTERM, if one stopped the run
 
 
 def enable_compilation_cache(workdir: Path) -> str:
@@ -664,6 +665,8 @@ def fit(
                 config, workdir, splits, max_steps, mesh, progress_bar, compile_stats,
                 stop_requested,
             )  # fmt: skip
+            if result.interrupted:
+                result.stopped_by_signal = stop_requested.signum
     if compile_stats.compiled or compile_stats.loaded:
         log.info(compile_stats.summary())
     return result
@@ -1246,27 +1249,41 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, unit="step", disable=not enabled, dynamic_ncols=True)
 
 
+class _StopRequest:
+    """Called, says whether a signal asked the run to stop; ``signum`` is that signal."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+
 @contextlib.contextmanager
 def _stop_on_signal():
-    """SIGINT/SIGTERM ask the loop to checkpoint and stop at the next step (a second one kills)."""
-    requested = threading.Event()
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop at the next step (a second one kills).
+
+    Yields a :class:`_StopRequest` (never set outside the main thread, where Python delivers
+    no signal).
+    """
+    requested = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield requested.is_set
+        yield requested
         return
     previous = {}
 
     def handler(signum, frame):
-        if requested.is_set():
+        if requested():
             signal.signal(signum, previous[signum])
             signal.raise_signal(signum)
             return
-        requested.set()
+        requested.signum = signum
         log.warning("signal %d: saving a checkpoint and stopping (send again to kill)", signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, handler)
     try:
-        yield requested.is_set
+        yield requested
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)

@@ -451,6 +451,7 @@ def test_a_signal_saves_a_checkpoint_and_stops_and_the_run_resumes(splits, tmp_p
     step = int(first.state.step)
     # Stopped within epoch 2 (batch 6 is read ahead of its step), not at the end of the run.
     assert first.interrupted and not first.finished and 4 <= step < 12, step
+    assert first.stopped_by_signal == signum
     assert f"signal {signum}: saving a checkpoint and stopping" in caplog.text
     assert f"stopped at step {step}; run again to resume" in caplog.text
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
@@ -520,7 +521,7 @@ def test_fit_reads_a_kaggle_layout_itself(tmp_path):
     data = write_synthetic_kaggle(tmp_path / "data", train_per_class=14, test_count=3, seed=2)
     # Up to step 0: the data prepared and split, a checkpoint, no training.
     result = train.fit(CONFIG, tmp_path / "w", data_dir=data, max_steps=0, progress_bar=False)
-    assert result.interrupted and int(result.state.step) == 0
+    assert result.interrupted and int(result.state.step) == 0 and result.stopped_by_signal is None
     assert result.classes == ("calling", "clapping", "cycling")
     assert (tmp_path / "w" / "split.json").exists() and (tmp_path / "w" / "tfds").is_dir()
     with pytest.raises(ValueError, match="fit needs data_dir or splits"):
@@ -782,11 +783,35 @@ def test_a_signal_while_the_run_is_set_up_stops_it_before_its_first_step(splits,
     with caplog.at_level(logging.INFO, logger="har_flax.train"):
         first = train.fit(CONFIG, tmp_path / "w", splits=stopped, progress_bar=False)
     assert stopped.train.sent and first.interrupted and int(first.state.step) == 0
+    assert first.stopped_by_signal == signal.SIGINT
     assert f"signal {signal.SIGINT}: saving a checkpoint and stopping" in caplog.text
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
     assert [p.name for p in (tmp_path / "w" / "checkpoints" / "latest").iterdir()] == ["0"]
     resumed = train.fit(CONFIG, tmp_path / "w", splits=splits, max_steps=4, progress_bar=False)
     assert [r["epoch"] for r in resumed.history] == [1]
+
+
+def test_har_train_exits_with_128_plus_the_signal_that_stopped_it(tmp_path, monkeypatch, capsys):
+    """A preempted run (SIGTERM) must not look finished to a job runner or a retry loop."""
+    from har_flax import data
+    from har_flax.cli.train import main
+
+    real = data.load_splits
+
+    def signalling(*args, **kwargs):
+        s = real(*args, **kwargs)
+        return dataclasses.replace(s, train=_SignalOnLen(s.train, signal.SIGTERM))
+
+    data_dir = write_synthetic_kaggle(tmp_path / "data", train_per_class=14, test_count=3, seed=2)
+    command = ["--data-dir", str(data_dir), "--workdir", str(tmp_path / "w"), "--config",
+               "tiny", "--no-progress"]  # fmt: skip
+    monkeypatch.setattr(data, "load_splits", signalling)
+    assert main(command) == 128 + signal.SIGTERM == 143
+    assert "stopped at step 0; run the same command to resume" in capsys.readouterr().out
+    # Stopped where it was asked to stop: 0.
+    monkeypatch.setattr(data, "load_splits", real)
+    assert main([*command, "--max-steps", "0"]) == 0
+    assert "stopped at step 0; run the same command to resume" in capsys.readouterr().out
 
 
 # --- Units that mutation testing showed untested -------------------------------------------------

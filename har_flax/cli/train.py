@@ -81,8 +81,9 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Trains; returns 0 (finished or stopped to resume later), 1 (bad data/config, or the
-    loss diverged), 2 (usage)."""
+    """Trains; returns 0 (finished, or stopped at --max-steps), 1 (bad data/config, or the
+    loss diverged), 2 (usage), 128 + the signal's number when SIGINT (130) or SIGTERM (143)
+    stopped it (with a checkpoint once training was set up): run it again to go on."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.data_dir.is_dir():
@@ -190,6 +191,10 @@ def _train(
         return 1
     if result.interrupted:
         print(f"stopped at step {int(result.state.step)}; run the same command to resume")
+        if result.stopped_by_signal is not None:
+            # Not 0: a job runner (a Kubernetes Job, a retry loop) must not take a preempted
+            # run for a finished one.
+            return 128 + result.stopped_by_signal
     else:
         print(
             f"best validation accuracy {result.best_val_accuracy:.4f}"
