@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import numbers
+from pathlib import Path
 from typing import Any
 
 # The 15 actions of the Kaggle "Human Action Recognition" dataset, in sorted order. Class names
@@ -301,11 +302,25 @@ PRESETS = {"tiny": tiny, "smoke": smoke, "default": default}
 
 
 def get_config(name: str) -> Config:
-    """Returns the named preset, or raises ValueError listing the known ones."""
-    try:
+    """A preset by name, or the settings in a config JSON file (a run's ``W/config.json``).
+
+    Raises:
+      ValueError: neither a preset nor a readable config file (the presets are listed).
+    """
+    if name in PRESETS:
         return PRESETS[name]()
-    except KeyError:
-        raise ValueError(f"unknown config {name!r}; known: {sorted(PRESETS)}") from None
+    path = Path(name)
+    if path.suffix != ".json" and not path.is_file():
+        raise ValueError(
+            f"unknown config {name!r}; known: {sorted(PRESETS)}, or a config .json file "
+            "(such as a run's W/config.json)"
+        )
+    try:
+        return Config.from_json(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"cannot read the config file {path}: {e.strerror or e}") from None
+    except ValueError as e:  # not JSON, or not a config's settings
+        raise ValueError(f"{path} is not a har-flax config: {e}") from None
 
 
 def override(config: Config, overrides: dict[str, Any]) -> Config:

@@ -647,6 +647,7 @@ def fit(
         if splits is None:  # Ctrl-C here raises KeyboardInterrupt: a preparation starts over
             if data_dir is None:
                 raise ValueError("fit needs data_dir or splits")
+            check_resume(workdir, config)  # before the data is prepared
             from har_flax.data import load_splits
 
             splits = sharding.process_zero_first(
@@ -1099,7 +1100,34 @@ RESUMABLE_CHANGES = ("log_every_steps", "max_nonfinite_steps", "early_stopping_p
 REMEDY_CHANGES = ("learning_rate", "finetune_learning_rate")
 
 
-def _check_resumable_config(workdir: Path, config: Config) -> int | None:
+def check_resume(workdir: str | Path, config: Config) -> None:
+    """Refuses at once to resume ``workdir``'s run with other settings: the check :func:`fit`
+    makes as it resumes, made before the data is prepared (minutes and gigabytes for a data set
+    at a new image size, only to be refused). The class count, which comes from the data, is
+    left to fit.
+
+    Raises:
+      ValueError: naming each setting that differs from the saved one.
+    """
+    workdir = Path(workdir)
+    path = workdir / CONFIG_FILE
+    latest = workdir / TRAIN_CHECKPOINTS_DIR / "latest"
+    # A run resumes from a checkpoint (orbax names each by its step): no checkpoint, no resume.
+    if not path.exists() or not any(p.name.isdigit() for p in _children(latest)):
+        return
+    saved = Config.from_json(path.read_text(encoding="utf-8"))
+    classes = {"model.num_classes": saved.model.num_classes}
+    _check_resumable_config(workdir, override(config, classes), warn=False)
+
+
+def _children(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
+
+
+def _check_resumable_config(workdir: Path, config: Config, warn: bool = True) -> int | None:
     """Refuses to resume a checkpoint made with another model or other training settings.
 
     The compute settings (``model.dtype``, ``model.depthwise_impl``) may change: they leave the
@@ -1118,7 +1146,10 @@ def _check_resumable_config(workdir: Path, config: Config) -> int | None:
     if not path.exists():
         return None
     old = Config.from_json(path.read_text(encoding="utf-8"))
-    hint = f"use a new --workdir, or the saved settings ({path})"
+    hint = (
+        f"use a new --workdir, or the saved settings ({path}; har-train uses them when given "
+        "no --config)"
+    )
     compute = ("dtype", "depthwise_impl")
     model_changed = _differences(old.model, config.model, ignore=compute)
     changed = _differences(old.train, config.train, ignore=RESUMABLE_CHANGES)
@@ -1140,7 +1171,7 @@ def _check_resumable_config(workdir: Path, config: Config) -> int | None:
             f"{listed}{note}; {hint}"
         )
     for k in REMEDY_CHANGES:
-        if k in changed:
+        if warn and k in changed:
             log.warning(
                 "resuming with train.%s=%g (saved: %g): the rest of the run follows the new "
                 "value, so it will not end where an uninterrupted run would",

@@ -814,6 +814,42 @@ def test_har_train_exits_with_128_plus_the_signal_that_stopped_it(tmp_path, monk
     assert "stopped at step 0; run the same command to resume" in capsys.readouterr().out
 
 
+def test_har_train_resumes_with_the_saved_settings_and_refuses_others_before_the_data(
+    tmp_path, capsys
+):
+    from har_flax.cli.train import main
+
+    data_dir = write_synthetic_kaggle(tmp_path / "data", train_per_class=14, test_count=3, seed=2)
+    work = tmp_path / "w"
+    command = ["--data-dir", str(data_dir), "--workdir", str(work), "--no-progress",
+               "--max-steps", "0"]  # fmt: skip
+    assert main([*command, "--config", "tiny"]) == 0  # a run, with a checkpoint at step 0
+    copies = sorted(p.name for p in (work / "tfds" / "har_kaggle").glob("*px-*"))
+    capsys.readouterr()
+    # Other settings are refused before the data is prepared (at 224 px: minutes and
+    # gigabytes for the Kaggle set, only to be refused).
+    assert main([*command, "--config", "default"]) == 1
+    err = capsys.readouterr().err
+    assert "which a resumed run cannot change: model.width: 0.35 saved, 1.0 requested" in err
+    assert "har-train uses them when given no --config" in err
+    assert sorted(p.name for p in (work / "tfds" / "har_kaggle").glob("*px-*")) == copies
+    # Without --config, or with the saved file as it, the run goes on with its own settings.
+    for config in ([], ["--config", str(work / "config.json")]):
+        assert main([*command, *config, "--set", "train.log_every_steps=3"]) == 0
+        out, err = capsys.readouterr()
+        assert "stopped at step 0; run the same command to resume" in out
+        assert ("going on with the run's saved settings" in err) == (not config)
+    assert json.loads((work / "config.json").read_text())["train"]["log_every_steps"] == 3
+    # A config file that is not one is a usage error naming it.
+    (tmp_path / "bad.json").write_text('{"model": {"wdith": 1}}')
+    for config, message in (("bad.json", "bad.json is not a har-flax config: unknown Model"),
+                            ("nope", "unknown config 'nope'; known: ['default', 'smoke', "
+                             "'tiny'], or a config .json file")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main([*command, "--config", str(tmp_path / config) if "." in config else config])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 # --- Units that mutation testing showed untested -------------------------------------------------
 
 

@@ -37,9 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", required=True, type=Path, help="run directory W")
     parser.add_argument(
         "--config",
-        default="default",
+        default=None,
         help="preset: default (224px, ImageNet weights), smoke (a 2-minute CPU run that learns "
-        "the synthetic set) or tiny (for tests)",
+        "the synthetic set) or tiny (for tests); or a config .json file. Without it: the saved "
+        "settings (W/config.json) when W holds a run, else default",
     )
     parser.add_argument(
         "--set",
@@ -143,22 +144,27 @@ class _Interrupts:
 def _train(
     parser: argparse.ArgumentParser, args: argparse.Namespace, interrupts: _Interrupts
 ) -> int:
-    from har_flax import sharding  # noqa: PLC0415 (--help answers without importing JAX)
+    from har_flax import sharding, train  # noqa: PLC0415 (--help answers without importing JAX)
+    from har_flax.checkpoint import CheckpointError
     from har_flax.config import get_config, override
+    from har_flax.data import DataError, load_splits
 
+    saved = args.workdir / train.CONFIG_FILE
+    name = args.config
+    if name is None:
+        name = str(saved) if saved.is_file() else "default"
     try:
-        config = override(get_config(args.config), parse_overrides(args.overrides))
+        config = override(get_config(name), parse_overrides(args.overrides))
     except ValueError as e:
         parser.error(str(e))
+    if args.config is None and saved.is_file():
+        print(f"har-train: going on with the run's saved settings ({saved})", file=sys.stderr)
     sharding.maybe_initialize_distributed()
-
-    from har_flax import train  # noqa: PLC0415
-    from har_flax.checkpoint import CheckpointError
-    from har_flax.data import DataError, load_splits
 
     try:
         # One run per work directory, from preparing its data to its last checkpoint.
         with train.workdir_lock(args.workdir):
+            train.check_resume(args.workdir, config)  # before the data is prepared
             splits = sharding.process_zero_first(
                 lambda: load_splits(
                     args.data_dir,
