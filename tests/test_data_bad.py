@@ -153,10 +153,14 @@ def test_every_kind_of_problem_is_listed_in_one_error(data, tmp_path):
     for part in ("Training_set.csv line 3: train/Image_2.jpg does not exist",
                  "train/Image_3.jpg is unreadable", "test/Image_1.jpg is unreadable"):  # fmt: skip
         assert part in message, message
-    # Training: the same two training problems; the test image is listed, not fatal.
+    # Training: the same two training problems stop it; the test image, which training does
+    # not read, is named after them.
     with pytest.raises(DataError, match=r"^2 bad rows or images:") as e:
         load_splits(data, tmp_path / "t", image_size=32, data_config=DataConfig())
-    assert "test/Image_1.jpg" not in str(e.value)
+    message = str(e.value)
+    also = message.index("\nAlso 1 in the test split, which training does not read")
+    assert message.index("test/Image_1.jpg is unreadable") > also, message
+    assert message.count("Image_1.jpg") == 1, message
 
 
 def test_test_split_problems_do_not_stop_training(data, tmp_path):
@@ -264,11 +268,15 @@ def test_large_local_images_are_training_data_not_uploads(data, tmp_path):
 
 def test_prepared_with_skipping_is_still_an_error_without_it(data, tmp_path):
     corrupt_jpeg(data)
+    (data / "test" / "Image_1.jpg").write_bytes(b"")
     load_splits(data, tmp_path / "a", image_size=32, data_config=SKIP,
                 download_dir=tmp_path / "tfds")  # fmt: skip
-    with pytest.raises(DataError, match="train/Image_3.jpg is unreadable"):
+    with pytest.raises(DataError, match="train/Image_3.jpg is unreadable") as e:
         load_splits(data, tmp_path / "b", image_size=32, data_config=DataConfig(),
                     download_dir=tmp_path / "tfds")  # fmt: skip
+    message = str(e.value)
+    assert message.startswith("1 bad rows or images:"), message
+    assert "Also 1 in the test split" in message and "test/Image_1.jpg" in message, message
 
 
 @pytest.mark.parametrize(

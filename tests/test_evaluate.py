@@ -330,7 +330,7 @@ def test_bad_test_images_are_skipped_listed_and_missing_rows_flagged(run, tmp_pa
     assert cli_evaluate.main([*argv, "--skip-bad-images"]) == 0
     err = capsys.readouterr().err
     assert "skipped 1 bad rows or images (--skip-bad-images)" in err
-    assert "Image_2.jpg: Testing_set.csv line 3: test/Image_2.jpg is unreadable" in err
+    assert "\n  Testing_set.csv line 3: test/Image_2.jpg is unreadable" in err
     assert "warning: 1 of the 5 Testing_set.csv rows have no row in submission.csv" in err
     assert "Missing: Image_2.jpg" in err
 

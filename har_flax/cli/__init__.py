@@ -34,5 +34,5 @@ def print_skipped(prog: str, skipped: Sequence[tuple[str, str]], why: str, note:
     if not skipped:
         return
     print(f"{prog}: skipped {len(skipped)} bad rows or images ({why}){note}:", file=sys.stderr)
-    for name, reason in skipped:
-        print(f"  {name}: {reason}", file=sys.stderr)
+    for _, reason in skipped:  # a sentence that names the CSV line and the image
+        print(f"  {reason}", file=sys.stderr)

@@ -299,7 +299,11 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
             self._problems += bad
         # tfds (generating the splits in order) gets nothing more of a data set that fails.
         if self._problems and (last or not stored):
-            kaggle.raise_issues(self._problems, what="bad rows or images")
+            # The test split's, skipped when training (which does not read it), are named too.
+            unread = [] if self._skip_bad_images or not self._skips("test") else [
+                kaggle.Issue(**d) for d in self.info.metadata["skipped"] if d["split"] == "test"
+            ]  # fmt: skip
+            kaggle.raise_issues(self._problems, what="bad rows or images", unread=unread)
         if not stored and split == "test":
             raise _NoReadableTestImage(bad)
         if not stored:

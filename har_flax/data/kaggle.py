@@ -445,7 +445,22 @@ def list_issues(issues: Sequence[Issue]) -> str:
     return "\n".join(lines)
 
 
-def raise_issues(issues: Sequence[Issue], *, what: str) -> None:
-    """Raises one DataError listing ``issues`` (the first few in full), or returns if none."""
+def raise_issues(issues: Sequence[Issue], *, what: str, unread: Sequence[Issue] = ()) -> None:
+    """Raises one DataError listing ``issues`` (the first few in full), or returns if none.
+
+    Args:
+      issues: the problems that stop the command.
+      what: what they are ("bad rows or images").
+      unread: problems of the test split, which training does not read: listed after the
+        others, so that one run names every problem of the data set, but they do not stop it.
+    """
     if issues:
-        raise DataError(f"{len(issues)} {what}:\n{list_issues(issues)}\nTo go on: {SKIP_HINT}")
+        also = (
+            f"\nAlso {len(unread)} in the test split, which training does not read (har-evaluate "
+            f"refuses them):\n{list_issues(unread)}"
+            if unread
+            else ""
+        )
+        raise DataError(
+            f"{len(issues)} {what}:\n{list_issues(issues)}{also}\nTo go on: {SKIP_HINT}"
+        )
