@@ -354,18 +354,28 @@ def override(config: Config, overrides: dict[str, Any]) -> Config:
         if bad:
             raise ValueError(f"unknown config fields {sorted(bad)}")
         if not isinstance(top.get("name", ""), str):
-            raise ValueError(f"cannot use {top['name']!r} for name (a str)")
+            raise ValueError(f"cannot use {top['name']!r} for name (expects text)")
         config = dataclasses.replace(config, **top)
     return config
 
 
+# What a setting of each type takes, in the words of a refusal: "(expects a whole number)".
+_EXPECTS = {
+    "int": "a whole number",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "text",
+    "tuple": "whole numbers separated by commas",
+}
+
+
 def _convert(value: Any, current: Any, key: str, optional: bool = False) -> Any:
     """Converts a CLI string to the type of ``current``; checks the type of non-strings."""
-    kind = type(current).__name__
+    kind = _EXPECTS.get(type(current).__name__, type(current).__name__)
     if optional:  # An optional bool ("auto" = None), the only optional fields here.
         if value is None or str(value).strip().lower() in ("none", "auto"):
             return None
-        current, kind = False, "bool or auto"
+        current, kind = False, "true, false or auto"
     if not isinstance(value, str):
         ok = (
             isinstance(value, bool)
@@ -379,7 +389,7 @@ def _convert(value: Any, current: Any, key: str, optional: bool = False) -> Any:
             else isinstance(value, type(current))
         )
         if not ok:
-            raise ValueError(f"cannot use {value!r} for {key} (a {kind})")
+            raise ValueError(f"cannot use {value!r} for {key} (expects {kind})")
         if isinstance(current, tuple):
             return tuple(value)
         return float(value) if isinstance(current, float) else value
@@ -397,5 +407,5 @@ def _convert(value: Any, current: Any, key: str, optional: bool = False) -> Any:
         if isinstance(current, tuple):
             return tuple(int(x) for x in value.split(",") if x)
     except ValueError:
-        raise ValueError(f"cannot use {value!r} for {key} (a {kind})") from None
+        raise ValueError(f"cannot use {value!r} for {key} (expects {kind})") from None
     return value

@@ -140,18 +140,28 @@ def test_override_accepts_typed_values_and_an_empty_dict():
         ({"modle.width": "1"}, "unknown config group 'modle' in override; use model/data/train"),
         ({"model.widht": "1"}, r"unknown field model.widht; known: \[.*'width'"),
         ({"epochs": "3"}, r"unknown config fields \['epochs'\]"),
-        ({"train.batch_size": "lots"}, r"cannot use 'lots' for train.batch_size \(a int\)"),
-        ({"model.width": "wide"}, r"cannot use 'wide' for model.width \(a float\)"),
-        ({"train.augment": "maybe"}, r"cannot use 'maybe' for train.augment \(a bool\)"),
-        ({"model.head_units": "64,x"}, r"cannot use '64,x' for model.head_units \(a tuple\)"),
+        (
+            {"train.batch_size": "lots"},
+            r"cannot use 'lots' for train.batch_size \(expects a whole number\)",
+        ),
+        ({"model.width": "wide"}, r"cannot use 'wide' for model.width \(expects a number\)"),
+        (
+            {"train.augment": "maybe"},
+            r"cannot use 'maybe' for train.augment \(expects true or false\)",
+        ),
+        (
+            {"model.head_units": "64,x"},
+            r"cannot use '64,x' for model.head_units \(expects whole numbers separated by commas\)",
+        ),
         # Typed (non-string) values are checked too, not passed through.
-        ({"train.epochs": 2.5}, r"cannot use 2.5 for train.epochs \(a int\)"),
-        ({"train.augment": 1}, r"cannot use 1 for train.augment \(a bool\)"),
-        ({"model.width": True}, r"cannot use True for model.width \(a float\)"),
-        ({"name": 5}, r"cannot use 5 for name \(a str\)"),
+        ({"train.epochs": 2.5}, r"cannot use 2.5 for train.epochs \(expects a whole number\)"),
+        ({"train.augment": 1}, r"cannot use 1 for train.augment \(expects true or false\)"),
+        ({"model.width": True}, r"cannot use True for model.width \(expects a number\)"),
+        ({"name": 5}, r"cannot use 5 for name \(expects text\)"),
         (
             {"model.freeze_backbone_batchnorm": "maybe"},
-            r"cannot use 'maybe' for model.freeze_backbone_batchnorm \(a bool or auto\)",
+            r"cannot use 'maybe' for model.freeze_backbone_batchnorm "
+            r"\(expects true, false or auto\)",
         ),
         # Converted fine, then refused by the dataclass's own validation.
         ({"model.num_classes": "1"}, "num_classes must be at least 2, got 1"),

@@ -516,6 +516,27 @@ def test_cli_limits_are_flags_and_a_huge_file_is_not_read_whole(action_model, tm
     assert e.value.code == 2 and "--max-pixels must be positive" in capsys.readouterr().err
 
 
+def test_cli_each_reads_in_order_through_one_pipe(action_model, tmp_path, photos):
+    """`har-predict --each ... 2>&1 | less`: answers and errors in the order of the files."""
+    good, bad = tmp_path / "cat.jpg", tmp_path / "notes.jpg"
+    good.write_bytes(photos["chelsea"])
+    bad.write_text("not a photo")
+    proc = subprocess.run(
+        [sys.executable, "-m", "har_flax.cli.predict", "--model", str(action_model[0]),
+         "--top-k", "1", "--each", str(good), str(bad), str(good)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout
+    said = {f"{good}:": "answer", "har-predict: 1 of 3 images failed": "summary"}
+    error = f"har-predict: error: {bad}: text, not an image"
+    lines = [
+        said.get(line, "error" if line.startswith(error) else line)
+        for line in proc.stdout.splitlines()
+        if line.startswith((str(tmp_path), "har-"))
+    ]
+    assert lines == ["answer", "error", "answer", "summary"], proc.stdout
+
+
 def test_cli_output_into_a_closed_pipe_ends_quietly():
     """`har-predict --json ... | head -1`: the reader leaves early; no BrokenPipeError traceback."""
     sample = str(SAMPLE_IMAGE)

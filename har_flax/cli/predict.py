@@ -145,10 +145,10 @@ def _main(argv: list[str] | None) -> int:
     elapsed = time.perf_counter() - start
     info = predictor.info
     k = args.top_k or info.num_classes
-    for message in errors.values():
-        print(f"har-predict: error: {message}", file=sys.stderr)
 
     if args.json:
+        for message in errors.values():
+            print(f"har-predict: error: {message}", file=sys.stderr)
         predictions = []
         for g, group in enumerate(groups):
             entry: dict = {"images": [str(paths[i]) for i in group]}
@@ -167,13 +167,20 @@ def _main(argv: list[str] | None) -> int:
             f"{info.image_size}x{info.image_size}); {elapsed:.1f}s including compilation"
         )
         width = max(len(c) for c, _ in (r for ranked in answered.values() for r in ranked[:k]))
-    for g, ranked in answered.items():
-        names = ", ".join(str(paths[i]) for i in groups[g])
+    # In the order given; stdout is flushed before each line on stderr, so that the two read
+    # in that order when they go to one pipe or file too.
+    for g, group in enumerate(groups):
+        if g in errors:
+            sys.stdout.flush()
+            print(f"har-predict: error: {errors[g]}", file=sys.stderr)
+            continue
+        names = ", ".join(str(paths[i]) for i in group)
         print(f"\n{names}:")
-        for rank, (name, p) in enumerate(ranked[:k], 1):
+        for rank, (name, p) in enumerate(answered[g][:k], 1):
             print(f"  {rank:>3}. {name:<{width}}  {p:.4f}")
     if errors and args.each:
-        print(f"har-predict: {len(errors)} of {len(groups)} images failed (above)", file=sys.stderr)
+        sys.stdout.flush()
+        print(f"har-predict: {len(errors)} of {len(groups)} images failed", file=sys.stderr)
     return 2 if errors else 0
 
 
