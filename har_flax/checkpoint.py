@@ -16,11 +16,14 @@ import contextlib
 import glob
 import json
 import os
+import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,9 +109,58 @@ def save_variables(path: str | os.PathLike, variables: Any) -> None:
 
 def load_variables(path: str | os.PathLike) -> dict:
     """Restores a pytree saved by :func:`save_variables`, as host numpy arrays."""
-    with _this_process_checkpointer() as ckptr:
-        restored = ckptr.restore(os.path.abspath(path))
+    try:
+        with _this_process_checkpointer() as ckptr:
+            restored = ckptr.restore(os.path.abspath(path))
+    except Exception:
+        _quiet_late_reads()
+        raise
     return jax.tree.map(np.asarray, restored)
+
+
+def _quiet_late_reads() -> None:
+    """Keeps the reads a failed restore left behind from printing tracebacks.
+
+    orbax runs a restore in an event loop of its own, and closes it as soon as one array fails
+    to read (a truncated file). tensorstore then finishes the other reads, and each completion
+    calls back into the closed loop: "Exception ignored in: None ... RuntimeError: Event loop
+    is closed", several tracebacks after the error a person is shown. Those results are
+    unwanted, so from the first failure on this process drops exactly those reports, and hands
+    every other one to the hook it had.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_har_flax_quiet", False):
+        return
+
+    def hook(unraisable) -> None:
+        late = (
+            isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"
+            and any(
+                frame.name == "call_soon_threadsafe"
+                for frame in traceback.extract_tb(unraisable.exc_traceback)
+            )
+        )
+        if not late:
+            previous(unraisable)
+
+    hook._har_flax_quiet = True
+    sys.unraisablehook = hook
+
+
+# How tensorstore words a read that failed (the file is short, missing or corrupt), as opposed
+# to orbax's own refusals of a checkpoint that does not fit (structure, shapes).
+_READ_FAILURE = re.compile(r"^(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|FAILED_PRECONDITION|INTERNAL): ")
+
+
+def _unreadable(error: BaseException) -> bool:
+    return bool(_READ_FAILURE.match(str(error))) or "Error reading" in str(error)
+
+
+def _orbax_words(error: BaseException) -> str:
+    """orbax's (tensorstore's) message without the spec tensorstore appends: a kilobyte of
+    JSON that says nothing to a person."""
+    return str(error).split(" [tensorstore_spec=", 1)[0]
 
 
 def save_model(
@@ -264,7 +316,7 @@ def load_model(path: str | os.PathLike) -> tuple[Config, dict[str, Any], dict]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         # orbax's own words (a missing _METADATA, an incomplete checkpoint, a truncated array).
         raise CheckpointError(
-            f"{path / VARIABLES_DIR}: the weights are unreadable ({e}); {damaged}"
+            f"{path / VARIABLES_DIR}: the weights are unreadable ({_orbax_words(e)}); {damaged}"
         ) from e
     return config, labels, variables
 
@@ -391,9 +443,17 @@ class TrainCheckpoints:
                 ),
             )
         except (ValueError, KeyError, TypeError) as e:
+            _quiet_late_reads()
+            where = f"checkpoint {self.directory / which} (step {step})"
+            if _unreadable(e):
+                raise CheckpointError(
+                    f"{where} is damaged: {_orbax_words(e)}. Its files were cut short or "
+                    "changed after it was saved, so the run cannot go on from it: start it in a "
+                    "new work directory, or put back a whole copy of this one"
+                ) from e
             raise CheckpointError(
-                f"checkpoint {self.directory / which} (step {step}) does not match this model: "
-                f"{e}. Train in a fresh work directory or restore the config it was made with."
+                f"{where} does not match this model: {_orbax_words(e)}. Train in a fresh work "
+                "directory or restore the config it was made with."
             ) from e
         return restored[_STATE_ITEM], dict(restored[_PROGRESS_ITEM])
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -152,6 +154,23 @@ def test_damaged_weights_are_a_checkpoint_error_naming_them(tmp_path, how):
         checkpoint.load_model(path)
 
 
+def test_a_damaged_model_is_one_short_error_for_a_person(tmp_path):
+    """har-predict on a model cut short: its error, in a line, and no tracebacks after it
+    (orbax's abandoned reads, "Event loop is closed"), no kilobyte of tensorstore spec."""
+    path = checkpoint.save_model(
+        tmp_path / "model", config=tiny(), classes=CLASSES, variables=_variables(0)
+    )
+    _corrupt_variables(path / checkpoint.VARIABLES_DIR, "truncated")
+    proc = subprocess.run(
+        [sys.executable, "-m", "har_flax.cli.predict", "--model", str(path), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"har-predict: error: {path / 'variables'}: the weights are unread")
+    assert "the model directory is damaged" in line and len(line) < 800, line
+
+
 def test_a_directory_of_other_files_is_never_replaced_by_a_model(tmp_path):
     home = tmp_path / "home"
     (home / "sub").mkdir(parents=True)
@@ -259,6 +278,42 @@ def test_a_background_save_keeps_the_state_of_its_moment(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
     assert restored_progress["epoch"] == 2 and again.latest_step("best") is None
     again.close()
+
+
+def _cut_in_half(folder) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file() and p.parent.name == "d" and p.stat().st_size > 8:  # OCDBT data files
+            p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def test_a_damaged_training_checkpoint_is_called_damaged_with_no_late_tracebacks(
+    tmp_path, monkeypatch
+):
+    import jax
+
+    late = []  # what Python reports but cannot raise (threads' and callbacks' exceptions)
+    monkeypatch.setattr(sys, "unraisablehook", late.append)
+    state = {f"w{i}": jax.numpy.full((64, 256), float(i)) for i in range(4)}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    ckpts = checkpoint.TrainCheckpoints(tmp_path / "checkpoints")
+    ckpts.save("latest", 3, state, {"epoch": 1})
+    try:
+        # Another model: named as such, in orbax's words.
+        with pytest.raises(checkpoint.CheckpointError, match=r"\(step 3\) does not match this "
+                           r"model: Structure mismatch: Target path \('w9',\)"):  # fmt: skip
+            ckpts.restore("latest", {**abstract, "w9": abstract["w0"]})
+        _cut_in_half(tmp_path / "checkpoints" / "latest")
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            ckpts.restore("latest", abstract)
+    finally:
+        ckpts.close()
+    message = str(e.value)
+    assert "(step 3) is damaged: OUT_OF_RANGE: " in message, message
+    assert "start it in a new work directory" in message and "does not match" not in message
+    assert "tensorstore_spec" not in message and len(message) < 800, message
+    # The reads the failure left behind end without a traceback each ("Event loop is closed").
+    time.sleep(0.5)
+    assert late == [], [str(u.exc_value) for u in late]
 
 
 def test_a_save_cut_off_by_a_kill_is_cleared_before_the_manager_is_used(tmp_path):
