@@ -141,3 +141,14 @@ def shard_batch(batch: Any, mesh: Mesh, global_batch: int) -> Any:
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Copies a pytree of arrays to every device of ``mesh``."""
     return jax.device_put(tree, replicated(mesh))
+
+
+def gather_ints(value: int) -> list[int]:
+    """Every process's ``value``, in process order: a collective, so every process must call it
+    at the same point of its program. One process: ``[value]``."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    gathered = multihost_utils.process_allgather(np.array([value], np.int32))
+    return [int(v) for v in np.asarray(gathered).reshape(-1)]

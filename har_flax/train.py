@@ -667,7 +667,7 @@ def fit(
                 stop_requested,
             )  # fmt: skip
             if result.interrupted:
-                result.stopped_by_signal = stop_requested.signum
+                result.stopped_by_signal = stop_requested.agreed_signum
     if compile_stats.compiled or compile_stats.loaded:
         log.info(compile_stats.summary())
     return result
@@ -681,7 +681,7 @@ def _fit(
     mesh: jax.sharding.Mesh | None,
     progress_bar: bool,
     compile_stats: _CompileStats,
-    stop_requested: Callable[[], bool],
+    stop_requested: _StopRequest,
 ) -> FitResult:
     classes = tuple(splits.classes)
     if config.model.num_classes != len(classes):
@@ -792,7 +792,13 @@ def _fit(
 
             with _closing_on_error(batches):  # e.g. TrainingDivergedError from a flush
                 for i in range(first, spe):
-                    if (max_steps is not None and global_step >= max_steps) or stop_requested():
+                    # Several processes agree on a stop where the host syncs anyway: each
+                    # epoch's first step and after each flush (log_every_steps), the same
+                    # steps on every process. One process stops at the next step.
+                    agree = jax.process_count() == 1 or meter.pending == 0
+                    if (max_steps is not None and global_step >= max_steps) or (
+                        agree and stop_requested.agreed()
+                    ):
                         meter.flush()
                         batches.close()
                         progress["step_in_epoch"] = i
@@ -1281,13 +1287,28 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 
 class _StopRequest:
-    """Called, says whether a signal asked the run to stop; ``signum`` is that signal."""
+    """Called, says whether a signal asked this process to stop; ``signum`` is that signal."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.agreed_signum: int | None = None  # a signal that stopped the run (any process's)
 
     def __call__(self) -> bool:
         return self.signum is not None
+
+    def agreed(self) -> bool:
+        """Whether the run stops here: the same answer on every process.
+
+        With several processes, a signal reaches each at its own time (a preemption), or only
+        one (Ctrl-C on one host); one process stopping alone, at its own step, would leave the
+        others waiting for it in their next collective, for ever. So the processes compare
+        their requests (a collective: call it at the same step everywhere, where the host
+        syncs anyway) and stop together. One process: its own request, at once.
+        """
+        signums = [s for s in sharding.gather_ints(self.signum or 0) if s]
+        if signums:
+            self.agreed_signum = signums[0]
+        return bool(signums)
 
 
 @contextlib.contextmanager

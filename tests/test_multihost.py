@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -49,15 +50,32 @@ def data_dir(tmp_path_factory):
     )
 
 
-def _two_processes(command: list[str], address: str, timeout: float = 400) -> list[tuple[str, str]]:
-    """Runs ``command`` as processes 0 and 1 of one distributed run; returns (stdout, stderr)."""
+def _two_processes(
+    command: list[str],
+    address: str,
+    timeout: float = 400,
+    *,
+    term_process_1_after: str | None = None,
+    returncode: int = 0,
+) -> list[tuple[str, str]]:
+    """Runs ``command`` as processes 0 and 1 of one distributed run; returns (stdout, stderr).
+
+    Args:
+      term_process_1_after: send SIGTERM to process 1 alone once process 0 has logged a line
+        (on stderr) holding this: a preemption notice that reaches one host first.
+      returncode: what both processes must exit with.
+    """
     procs = [
         subprocess.Popen(
             command,
             cwd=REPO,
             env=_env(
-                2, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)
-            ),
+                2,
+                JAX_COORDINATOR_ADDRESS=address,
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+                PYTHONUNBUFFERED="1",
+            ),  # fmt: skip
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -65,12 +83,20 @@ def _two_processes(command: list[str], address: str, timeout: float = 400) -> li
         for i in range(2)
     ]
     try:
+        head = ""
+        if term_process_1_after is not None:
+            for line in procs[0].stderr:
+                head += line
+                if term_process_1_after in line:
+                    procs[1].send_signal(signal.SIGTERM)
+                    break
         outs = [p.communicate(timeout=timeout) for p in procs]
+        outs[0] = (outs[0][0], head + outs[0][1])
     finally:
         for p in procs:
             p.kill()
     for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+        assert p.returncode == returncode, err[-3000:]
     return outs
 
 
@@ -84,6 +110,16 @@ def test_two_processes_train_and_resume_like_one(data_dir, tmp_path):
     (out0, err0), (out1, _) = _two_processes([*command, "--max-steps", "4"], address)
     assert "stopped at step 4" in out0 and "stopped at step 4" in out1
     assert f"kept in {shared / 'jax_cache'} for a restart" in err0
+    # Resumed, then preempted: SIGTERM reaches process 1 alone, once both restored step 4 (the
+    # step's compile follows, seconds). Stopping alone at its next step, it left process 0
+    # waiting in that step's collective for ever (both hung); they agree on a step (each one
+    # here: log_every_steps=1) and stop there together, with SIGTERM's exit status.
+    (out0, _), (out1, _) = _two_processes(
+        [*command, "--set", "train.log_every_steps=1"], address,
+        term_process_1_after="resuming from step 4", returncode=128 + signal.SIGTERM,
+    )  # fmt: skip
+    stops = [re.search(r"stopped at step (\d+)", out) for out in (out0, out1)]
+    assert stops[0] and stops[1] and stops[0][1] == stops[1][1] in ("4", "5"), (out0, out1)
     (out0, err0), (out1, _) = _two_processes(command, address)
     assert "best validation accuracy" in out0 and "best validation accuracy" in out1
     # The restart reused the programs the first start compiled (W/jax_cache). Only process 0
