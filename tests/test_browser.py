@@ -200,6 +200,13 @@ def test_choose_a_photo_see_spinner_results_bars_then_try_another(watched, cat_j
     page.wait_for_selector("#model-info:has-text('ImageNet object classifier')")
     assert page.is_visible("#imagenet-notice")  # says plainly that these are objects
     assert page.is_visible("#start-view") and not page.is_visible("#result-view")
+    # The 1001 class names scroll down in their box, not sideways out of reach of a wheel.
+    page.click("#classes-summary")
+    box = page.eval_on_selector(
+        "#class-list", "el => [el.scrollWidth, el.clientWidth, el.scrollHeight, el.clientHeight]"
+    )
+    assert box[0] <= box[1] + 1 and box[2] > 10 * box[3], box
+    page.click("#classes-summary")
 
     page.set_input_files(
         "#file-input", files=[{"name": "cat.jpg", "mimeType": "image/jpeg", "buffer": cat_jpeg}]
@@ -264,6 +271,9 @@ def test_drop_a_photo_and_recognize_it_with_the_keyboard(watched, photos):
     assert page.evaluate("window.__spinnerSeen") is True
     reference = api_predict(watched.url, photos["coffee"])
     assert page.text_content("#top-action") == reference["action"]
+    # Screen readers are told the answer (focus on the "Result" heading says only that).
+    said = f"Result: {reference['action']}, {page.text_content('#top-confidence')}."
+    poll(page, f"document.getElementById('announce').textContent === {json.dumps(said)}")
     watched.assert_offline_and_clean()
 
 
@@ -413,21 +423,43 @@ def test_several_photos_for_a_still_image_model_are_each_classified_and_averaged
     try:
         page = w.page
         page.wait_for_selector("#classes-details:not([hidden])")  # the tiny model: T = 1
-        assert "each classified and the answers averaged" in page.text_content("#frames-hint")
+        assert "each classified and their scores averaged" in page.text_content("#frames-hint")
         page.set_input_files(
             "#file-input", files=jpeg_files(photos, ["rocket", "chelsea", "coffee"])
         )
         page.wait_for_selector("#preview-view:not([hidden])")
         assert page.text_content("#preview-caption") == (
-            "3 photos, each classified and the answers averaged."
+            "3 photos, each classified and their scores averaged."
         )
         page.get_by_role("button", name="Recognize action").click()
         page.wait_for_selector("#result-view:not([hidden])")
         meta = page.text_content("#result-meta")
-        assert meta.startswith("3 frames, each classified and the answers averaged, "), meta
+        assert meta.startswith("3 frames, each classified and their scores averaged, "), meta
         w.assert_offline_and_clean()
     finally:
         w.close()
+
+
+def test_a_refusal_with_retry_after_says_how_long_to_wait(watched, photos):
+    """A rate limit (or a model server starting) tells the page when to come back: the person
+    reads it, rather than pressing Try again at once into the same refusal."""
+    page = watched.page
+    said = "Too many requests from this address; wait a moment and try again."
+    body = json.dumps({"error": said, "code": "RESOURCE_EXHAUSTED", "reason": "RATE_LIMITED"})
+    page.route("**/predict", lambda route: route.fulfill(
+        status=429, headers={"Retry-After": "28"}, content_type="application/json", body=body,
+    ))  # fmt: skip
+    page.set_input_files("#file-input", files=jpeg_files(photos, ["chelsea"]))
+    page.get_by_role("button", name="Recognize action").click()
+    page.wait_for_selector("#error-view:not([hidden])")
+    message = page.text_content("#error-message")
+    assert message.startswith("Too many requests") and message.endswith(
+        "You can try again in 28 s."
+    ), message
+    assert page.is_visible("#error-retry")
+    page.unroute("**/predict")
+    watched.errors[:] = [e for e in watched.errors if "429" not in e]
+    watched.assert_offline_and_clean()
 
 
 def test_a_slow_answer_can_be_cancelled_or_replaced_by_new_photos(watched, photos):
@@ -441,13 +473,18 @@ def test_a_slow_answer_can_be_cancelled_or_replaced_by_new_photos(watched, photo
     while not held:
         assert time.monotonic() < deadline, "the page sent no /predict request"
         page.wait_for_timeout(50)
-    # Focus is on Cancel while waiting (not lost when Recognize is disabled) ...
-    assert page.evaluate("document.activeElement.id") == "cancel-button"
-    # ... and Escape cancels: back to the photo, ready to try again, no error.
+    # Focus is on the status while waiting: not lost when Recognize is disabled, and not on
+    # Cancel, which the second press of a double Enter pressed (nothing shown, nothing said) ...
+    assert page.evaluate("document.activeElement.id") == "busy-status"
+    page.keyboard.press("Enter")
+    page.wait_for_timeout(300)
+    assert page.is_visible("#spinner") and len(held) == 1
+    # ... and Escape cancels: back to the photo, ready to try again, no error, and it is said.
     page.keyboard.press("Escape")
     page.wait_for_selector("#spinner", state="hidden")
     assert page.is_visible("#preview-view") and page.is_hidden("#error-view")
     assert page.evaluate("document.activeElement.id") == "recognize-button"
+    poll(page, "document.getElementById('announce').textContent === 'Cancelled.'")
 
     # Recognising again, then dropping other photos while waiting: the new photos replace the
     # old ones, and the old answer, when it comes, is not shown for them.

@@ -75,7 +75,7 @@
       ? "Several photos are the frames of one sequence, in the order chosen (this model takes " +
         currentModel.num_frames + " frames: more or fewer are sampled evenly); an animated GIF " +
         "counts as its frames."
-      : "Several photos are each classified and the answers averaged; an animated GIF counts " +
+      : "Several photos are each classified and their scores averaged; an animated GIF counts " +
         "as its frames.";
     if (chosen.length > 1) $("preview-caption").textContent = previewCaption();
   }
@@ -151,7 +151,7 @@
       showError(
         "“" + notImage.name + "” " +
         (notImage.type.startsWith("image/")
-          ? "is a " + notImage.type + " image, which this service cannot read."
+          ? "is in the " + notImage.type.slice(6).toUpperCase() + " format, which this service cannot read."
           : "is not a photo (" + notImage.type + ").") +
         " Choose a JPEG, PNG, WebP, GIF or BMP image."
       );
@@ -180,7 +180,7 @@
     if (currentModel === null) return chosen.length + " photos, sent together in this order.";
     return chosen.length + " photos, " + (isSequenceModel()
       ? "sent as the frames of one sequence in this order."
-      : "each classified and the answers averaged.");
+      : "each classified and their scores averaged.");
   }
 
   function renderPreview() {
@@ -233,8 +233,10 @@
     busy = on;
     spinner.hidden = !on;
     views.preview.setAttribute("aria-busy", on ? "true" : "false");
-    // Focus moves before the focused button is disabled, so keyboard users keep their place.
-    if (on) cancelButton.focus();
+    // Focus moves before the focused button is disabled, so keyboard users keep their place:
+    // to the status, which a screen reader then reads, not to Cancel, which a second Enter
+    // (or a held key) would press at once. Cancel is a Tab away, and Escape cancels too.
+    if (on) $("busy-status").focus();
     recognizeButton.disabled = on;
     changeButton.disabled = on;
   }
@@ -279,7 +281,10 @@
           RETRYABLE.includes(response.status) || response.status >= 500);
       }
       if (!response.ok) {
-        throw failure(body.error || "The server answered " + response.status + ".",
+        // How long to wait, when the server says (a rate limit, a model server starting).
+        const wait = Math.ceil(Number(response.headers.get("Retry-After")));
+        const when = wait > 0 ? " You can try again in " + wait + " s." : "";
+        throw failure((body.error || "The server answered " + response.status + ".") + when,
           RETRYABLE.includes(response.status));
       }
       renderResult(body);
@@ -296,12 +301,25 @@
   }
 
   recognizeButton.addEventListener("click", recognize);
-  cancelButton.addEventListener("click", () => {
-    if (inFlight) inFlight.abort();
-  });
+  function cancel() {
+    if (!inFlight) return;
+    inFlight.abort();
+    announce("Cancelled.");
+  }
+
+  cancelButton.addEventListener("click", cancel);
   document.addEventListener("keydown", (event) => {
-    if (event.key === "Escape" && inFlight) inFlight.abort();
+    if (event.key === "Escape") cancel();
   });
+
+  // Said by screen readers (a polite live region that is never hidden): what a sighted user
+  // sees change without focus going there.
+  function announce(text) {
+    const region = $("announce");
+    region.textContent = "";
+    // A new node each time, so the same words twice are read twice.
+    setTimeout(() => { region.textContent = text; }, 50);
+  }
 
   function renderResult(body) {
     $("top-action").textContent = body.action;
@@ -313,7 +331,7 @@
         frames = chosen.length + " photos as one sequence of " + body.num_frames + " frames, ";
       }
     } else if (body.num_frames > 1) {
-      frames = body.num_frames + " frames, each classified and the answers averaged, ";
+      frames = body.num_frames + " frames, each classified and their scores averaged, ";
     }
     $("result-meta").textContent =
       frames + "answered by " + body.model.name + " in " + Math.round(body.latency_ms) + " ms.";
@@ -353,6 +371,7 @@
     showAll.textContent = "Show all " + n + " classes";
     show("result");
     $("result-heading").focus();
+    announce("Result: " + body.action + ", " + percent(body.confidence) + ".");
   }
 
   showAll.addEventListener("click", () => {
