@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import warnings
 from collections.abc import Iterator
 
@@ -231,9 +232,12 @@ def _decode_error(
     if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         # (The warning arrives as an exception only where a caller turned warnings into errors.)
         whom = "the image" if frame is None else "the frame"
+        # Pillow's words hold the count: "Image size (400000000 pixels) exceeds limit of ...".
+        claimed = re.search(r"\((\d+) pixels\)", str(e))
+        how_many = f"{int(claimed[1]):,} pixels" if claimed else "so many pixels"
         return ImageTooLargeError(
-            f"{whom} claims so many pixels that decoding it would exhaust memory "
-            f"(limit {limits.max_pixels:,} pixels)",
+            f"{whom} claims {how_many}, so many that decoding it would exhaust memory (limit "
+            f"{limits.max_pixels:,} pixels); downscale it first",
             field=field,
             frame=frame,
         )

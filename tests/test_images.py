@@ -346,6 +346,8 @@ def test_giant_bomb_beyond_pillows_own_guard():
     with pytest.raises(ImageTooLargeError) as e:
         decode_frames(png_header_bomb(100_000, 100_000, valid_data=False))
     assert e.value.limit is None  # no limit of ours raises it
+    assert "the image claims 10,000,000,000 pixels" in str(e.value)  # what to downscale
+    assert "downscale it first" in str(e.value)
 
 
 def test_pillow_bomb_warning_is_not_printed():
