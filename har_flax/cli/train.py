@@ -150,14 +150,13 @@ def _train(
     from har_flax.data import DataError, load_splits
 
     saved = args.workdir / train.CONFIG_FILE
-    name = args.config
-    if name is None:
-        name = str(saved) if saved.is_file() else "default"
+    use_saved = args.config is None and saved.is_file()
+    name = str(saved) if use_saved else args.config or "default"
     try:
         config = override(get_config(name), parse_overrides(args.overrides))
     except ValueError as e:
         parser.error(str(e))
-    if args.config is None and saved.is_file():
+    if use_saved:
         print(f"har-train: going on with the run's saved settings ({saved})", file=sys.stderr)
     sharding.maybe_initialize_distributed()
 

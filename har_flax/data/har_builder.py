@@ -565,12 +565,12 @@ _STALE_TMP_SECONDS = 600
 
 def _remove_stale_temporaries(folder: Path, split: str) -> None:
     """Deletes what killed array builds left (up to the size of the whole array each)."""
-    now = time.time()
     for tmp in folder.glob(f".{NAME}-{split}.images-*.npy.*.tmp"):
+        if _written_lately(tmp):  # a build going on
+            continue
         try:
-            if now - tmp.stat().st_mtime > _STALE_TMP_SECONDS:
-                tmp.unlink()
-                log.info("removed %s, left by a build that did not finish", tmp.name)
+            tmp.unlink()
+            log.info("removed %s, left by a build that did not finish", tmp.name)
         except OSError:
             pass  # gone meanwhile, or another process's to remove
 
