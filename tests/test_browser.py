@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import time
 import urllib.request
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import test_webui_support as support
+from PIL import Image
 
 from webui import create_app
 
@@ -435,6 +437,40 @@ def test_several_photos_for_a_still_image_model_are_each_classified_and_averaged
         page.wait_for_selector("#result-view:not([hidden])")
         meta = page.text_content("#result-meta")
         assert meta.startswith("3 frames, each classified and their scores averaged, "), meta
+        w.assert_offline_and_clean()
+    finally:
+        w.close()
+
+
+def test_a_panorama_and_a_tower_get_thumbnails_not_slivers(browser, tiny_site, photos):
+    """Previews and result thumbnails keep a visible box whatever the photo's shape."""
+
+    def jpeg(size: tuple[int, int]) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", size, (200, 90, 40)).save(out, "JPEG")
+        return out.getvalue()
+
+    shapes = {"panorama": (1600, 16), "tower": (16, 1600)}
+    files = jpeg_files(photos, ["chelsea"]) + [
+        {"name": f"{n}.jpg", "mimeType": "image/jpeg", "buffer": jpeg(s)} for n, s in shapes.items()
+    ]
+    sizes = """imgs => imgs.map(i => {
+                 const r = i.getBoundingClientRect();
+                 return [Math.round(r.width), Math.round(r.height)];
+               })"""
+    w = Watched(browser, tiny_site)
+    try:
+        page = w.page
+        page.wait_for_selector("#classes-details:not([hidden])")
+        page.set_input_files("#file-input", files=files)
+        page.wait_for_selector("#preview-caption:has-text('3 photos')")
+        previews = page.eval_on_selector_all("#preview-list img", sizes)
+        page.get_by_role("button", name="Recognize action").click()
+        page.wait_for_selector("#result-view:not([hidden])")
+        thumbnails = page.eval_on_selector_all("#result-photos img", sizes)
+        assert len(previews) == len(thumbnails) == 3
+        for kind, found in (("preview", previews), ("thumbnail", thumbnails)):
+            assert min(min(size) for size in found) >= 36, f"a {kind} is a sliver: {found}"
         w.assert_offline_and_clean()
     finally:
         w.close()
