@@ -341,9 +341,12 @@ def test_a_changed_folder_s_new_copy_removes_its_old_copies_only(
     assert not [p for p in os.listdir(copies) if _REMOVING in p]
     # Once that build is long over, the next copy removes both older ones.
     os.utime(building, (time.time() - 3600,) * 2)
+    # Copies named before places (<S>px-<fingerprint>) go by the folder their metadata names.
+    shutil.copytree(Path(third.data_dir).parent, copies / "32px-01d")
+    shutil.copytree(Path(kept[1].data_dir).parent, copies / "32px-0ther")
     fourth = new_version((255, 0, 0))
     assert sorted(p.name for p in copies.glob("*px-*")) == sorted(
-        Path(b.data_dir).parent.name for b in [*kept, fourth]
+        [*(Path(b.data_dir).parent.name for b in [*kept, fourth]), "32px-0ther"]
     )
     np.testing.assert_array_equal(
         images_array(fourth, "train", progress=False)[
@@ -353,4 +356,5 @@ def test_a_changed_folder_s_new_copy_removes_its_old_copies_only(
     )
     removed = [m.split()[1].rstrip(",") for m in caplog.messages if m.startswith("removed ")]
     name = {b: Path(b.data_dir).parent.name for b in (first, second, third)}
-    assert removed[0] == name[first] and sorted(removed[1:]) == sorted([name[second], name[third]])
+    assert removed[0] == name[first]
+    assert sorted(removed[1:]) == sorted([name[second], name[third], "32px-01d"])

@@ -463,9 +463,10 @@ def remove_stale_copies(current: HarKaggle) -> list[Path]:
         if _REMOVING in copy.name:
             _remove_tree(copy)
             continue
-        # Copies named by fingerprint alone (before places) are kept: their folder is unknown.
+        # Copies named by fingerprint alone (made before places) are of the folder that their
+        # metadata names: _is_stale_copy_of checks that.
         parts = copy.name.split("-")
-        if copy == here or len(parts) != 3 or (parts[0], parts[2]) != (size, where):
+        if copy == here or parts[0] != size or parts[2:] not in ([where], []):
             continue
         if not _is_stale_copy_of(copy, source, current.image_size):
             continue
