@@ -233,6 +233,8 @@ def evaluate(
     *,
     model_dir: str | Path | None = None,
     splits: Any = None,
+    download_dir: str | Path | None = None,
+    progress: bool = True,
     batch_size: int | None = None,
     probe: str = "tflite",
 ) -> dict[str, Any]:
@@ -251,6 +253,9 @@ def evaluate(
       out_dir: R.
       model_dir: the model directory to evaluate (default ``W/model``, the best one).
       splits: already loaded splits (as from ``har_flax.data.load_splits``).
+      download_dir: the prepared copies of ``data_dir`` (default ``W/tfds``; the training
+        run's ``download_dir`` if it had one, so they are not prepared again).
+      progress: show progress bars while the data is prepared.
       batch_size: inference batch (default: the run's training batch size).
       probe: backbone weights of the linear-probe baseline: "tflite" (bundled ImageNet weights),
         a ``har-port-weights`` directory or weight file, or "none" to leave the baseline out.
@@ -279,6 +284,8 @@ def evaluate(
             workdir,
             image_size=config.model.image_size,
             data_config=config.data,
+            download_dir=download_dir,
+            progress=progress,
             evaluating=True,
         )
     if tuple(splits.classes) != classes:

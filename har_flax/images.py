@@ -381,6 +381,12 @@ def iter_frames(
 FILE_LIMITS = ImageLimits(
     max_bytes=1 << 30, max_pixels=178_000_000, max_frames=1 << 20, max_total_pixels=1 << 50
 )
+# Photos a person classifies themselves (har-predict, a Predictor from Python): a 50-megapixel
+# phone photo and a few hundred frames pass. A server's uploads come from strangers and keep
+# ImageLimits()' lower defaults, set by its flags.
+LOCAL_LIMITS = ImageLimits(
+    max_bytes=64 * _MIB, max_pixels=150_000_000, max_frames=512, max_total_pixels=150_000_000 * 512
+)
 
 
 def first_frame_of_file(data: bytes, field: str) -> np.ndarray:
@@ -432,15 +438,21 @@ def resize_frame(frame: np.ndarray, size: int) -> np.ndarray:
     Predictor both call this function, so served inputs match trained ones exactly.
 
     Args:
-      frame: uint8 (H, W, 3).
+      frame: uint8 (H, W, 3), RGB (an OpenCV frame is BGR: ``frame[..., ::-1]`` first).
       size: output side S.
 
     Returns:
       uint8 (S, S, 3).
+
+    Raises:
+      ValueError: not a uint8 (H, W, 3) array, or an empty one.
     """
     frame = np.asarray(frame)
     if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[-1] != 3:
         raise ValueError(f"expected an RGB uint8 (H, W, 3) frame, got {frame.dtype} {frame.shape}")
+    if 0 in frame.shape:  # Pillow would make a black frame of it, and the model would answer
+        h, w = frame.shape[:2]
+        raise ValueError(f"the frame is empty ({w}x{h} pixels): there is nothing to classify")
     if frame.shape[:2] == (size, size):
         return np.ascontiguousarray(frame)
     im = Image.fromarray(frame).resize((size, size), Image.Resampling.BILINEAR)

@@ -39,6 +39,7 @@ import numpy as np
 
 from har_flax.checkpoint import LABELS_FILE, CheckpointError
 from har_flax.images import (
+    LOCAL_LIMITS,
     ImageLimits,
     ImageTooLargeError,
     InvalidImageError,
@@ -51,7 +52,9 @@ log = logging.getLogger(__name__)
 
 KINDS = ("action", "imagenet")
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
-DEFAULT_LIMITS = ImageLimits()
+# A Predictor classifies its caller's own photos unless told otherwise: a server passes the
+# limits for strangers' uploads (ImageLimits(), set by its flags).
+DEFAULT_LIMITS = LOCAL_LIMITS
 DEFAULT_MODEL_NAME = "imagenet-mobilenet-v2"
 ACTION_MODEL_NAME = "har-cnn-lstm"
 
@@ -310,7 +313,9 @@ class Predictor:
           model_dir: a model directory (``har_flax.checkpoint``), or None for the built-in
             ImageNet classifier ported from the bundled TFLite file.
           batch_sizes: the buckets a batch is padded to.
-          limits: decoding limits for :meth:`prepare`.
+          limits: decoding limits for :meth:`prepare`. The default, ``LOCAL_LIMITS`` (64 MiB,
+            150 M pixels, 512 frames), suits your own photos; for bytes from strangers (a web
+            service) pass ``ImageLimits()``, the server's defaults (16 MiB, 40 M pixels, 64).
           warmup: compile every bucket now. Without it a bucket compiles on first use (fine for
             a one-shot CLI; a server wants the cost at start, before it reports SERVING).
           embed_variables: compile the variables into the executables as constants; None =
@@ -393,18 +398,28 @@ class Predictor:
     def _type_error(self, value: Any, where: str) -> TypeError:
         """What to pass instead, for a request that is not encoded image bytes."""
         kind = type(value).__name__
+        s = self.info.image_size
+        t = "T" if self._per_frame else str(self.info.num_frames)
+        arrays = (
+            f"For decoded RGB frames, resize each with har_flax.images.resize_frame(frame, {s}) "
+            f"and pass [np.stack(frames)], uint8 ({t}, {s}, {s}, 3), to predict_samples()"
+            + ("" if self._per_frame else " (frame_indices picks that many from more)")
+        )
         if isinstance(value, np.ndarray):
-            s = self.info.image_size
-            t = "T" if self._per_frame else str(self.info.num_frames)
             return TypeError(
                 f"{where} is a decoded numpy array {value.dtype} {value.shape}, but prepare() "
-                "takes encoded image files (the bytes of a JPEG, PNG, WebP, GIF or BMP). For "
-                f"decoded RGB frames, resize each with har_flax.images.resize_frame(frame, {s}) "
-                f"and pass np.stack(frames), uint8 ({t}, {s}, {s}, 3), to predict_samples()"
+                "takes encoded image files (the bytes of a JPEG, PNG, WebP, GIF or BMP). " + arrays
+            )
+        if type(value).__module__.startswith("PIL."):
+            return TypeError(
+                f"{where} is a PIL image, but prepare() takes encoded image files (the bytes of "
+                "a JPEG, PNG, WebP, GIF or BMP): pass Path(p).read_bytes() of its file. "
+                + arrays.replace("frame, ", "np.asarray(image.convert('RGB')), ", 1)
             )
         if isinstance(value, (str, os.PathLike)):
+            what = "a path" if isinstance(value, os.PathLike) else "a str (a file path?)"
             return TypeError(
-                f"{where} is a file path ({kind}), but prepare() takes the file's contents: "
+                f"{where} is {what}, but prepare() takes the contents of an image file: "
                 "pass Path(p).read_bytes()"
             )
         if hasattr(value, "read"):
@@ -445,6 +460,11 @@ class Predictor:
             decoded array); the message says what to pass instead.
           PrepareCancelled: ``cancelled()`` said so.
         """
+        images = self._checked_images(images)
+        return self._prepare(images, [f"images[{i}]" for i in range(len(images))], cancelled)
+
+    def _checked_images(self, images: Any) -> Sequence[bytes]:
+        """``images`` as a sequence of encoded images, or a TypeError saying what to pass."""
         encoded = (bytes, bytearray, memoryview)
         if isinstance(images, encoded):
             images = [images]
@@ -455,6 +475,15 @@ class Predictor:
         for i, data in enumerate(images):
             if not isinstance(data, encoded):
                 raise self._type_error(data, f"images[{i}]")
+        return images
+
+    def _prepare(
+        self,
+        images: Sequence[bytes],
+        fields: Sequence[str],
+        cancelled: Callable[[], bool] | None,
+    ) -> np.ndarray:
+        """:meth:`prepare` of checked ``images``, named ``fields`` in errors."""
         if len(images) == 0:
             raise InvalidImageError("no images in the request; send at least one", field="images")
         if len(images) > self.limits.max_frames:
@@ -467,11 +496,11 @@ class Predictor:
         size = self.info.image_size
         budget = [self.limits.max_frames, self.limits.max_total_pixels]
         frames = []
-        for i, data in enumerate(images):
+        for data, field in zip(images, fields, strict=True):
             if cancelled is not None and cancelled():
                 raise PrepareCancelled(f"cancelled after {len(frames)} frames")
             # Resize each frame as soon as it is decoded: only one full-size frame is in memory.
-            for frame in iter_frames(data, limits=self.limits, field=f"images[{i}]", budget=budget):
+            for frame in iter_frames(data, limits=self.limits, field=field, budget=budget):
                 frames.append(resize_frame(frame, size))
                 if cancelled is not None and cancelled():
                     raise PrepareCancelled(f"cancelled after {len(frames)} frames")
@@ -490,7 +519,7 @@ class Predictor:
           One list per sample of ``(class, probability)`` for every class, most probable first
           (ties in class order); probabilities sum to 1.
         """
-        if not samples:
+        if len(samples) == 0:  # a stacked numpy batch has no truth value
             return []
         t, s = self.info.num_frames, self.info.image_size
         arrays = [np.asarray(sample) for sample in samples]
@@ -525,7 +554,28 @@ class Predictor:
     def predict(self, images: Sequence[bytes]) -> Prediction:
         """Classifies one request: :meth:`prepare` then :meth:`predict_samples`.
 
+        Several images are one request: the frames of one sequence (a one-frame model classifies
+        each and averages), so one answer. For one answer per photo, :meth:`predict_each`.
+
         Returns:
           ``(class, probability)`` for every class, most probable first.
         """
         return self.predict_samples([self.prepare(images)])[0]
+
+    def predict_each(self, images: Sequence[bytes]) -> list[Prediction]:
+        """Classifies each image on its own (a batch of photos), in as few compiled calls as
+        the buckets allow.
+
+        Args:
+          images: encoded images, one request each (an animated one is its own sequence).
+
+        Returns:
+          One answer per image, in order, each as :meth:`predict` gives it.
+
+        Raises:
+          InvalidImageError, ImageTooLargeError: naming the image (``images[i]``) at fault.
+          TypeError: as :meth:`prepare`.
+        """
+        images = self._checked_images(images)
+        samples = [self._prepare([data], [f"images[{i}]"], None) for i, data in enumerate(images)]
+        return self.predict_samples(samples)

@@ -40,7 +40,7 @@ from har_flax.checkpoint import (
     atomic_write_text,
     save_model,
 )
-from har_flax.config import Config, TrainConfig, override
+from har_flax.config import Config, TrainConfig, get_config, override
 from har_flax.models import create_model, init_variables
 
 log = logging.getLogger(__name__)
@@ -612,11 +612,12 @@ class _CompileStats:
 
 
 def fit(
-    config: Config,
+    config: Config | str,
     workdir: str | Path,
     *,
     data_dir: str | Path | None = None,
     splits: Any = None,
+    download_dir: str | Path | None = None,
     max_steps: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
     progress_bar: bool = True,
@@ -628,19 +629,33 @@ def fit(
     ``W/curves.png``. Running it again with the same arguments continues from the latest
     checkpoint and ends where an uninterrupted run would.
 
+    It turns on JAX's persistent compilation cache in ``W/jax_cache``
+    (:func:`enable_compilation_cache`): a process-wide setting, so later compiles in the same
+    process (another run, a Predictor) use that folder too, unless they set their own.
+
     Args:
-      config: the run; ``model.num_classes`` is set from the data.
+      config: the run, or a preset name or config ``.json`` for
+        :func:`har_flax.config.get_config`; ``model.num_classes`` is set from the data.
       workdir: W.
       data_dir: the Kaggle layout (``Training_set.csv``, ``train/``, ...); read with
         ``har_flax.data.load_splits``. Not needed when ``splits`` is given.
       splits: already loaded splits (``.classes``, ``.train``, ``.val``, ``.test``).
+      download_dir: where the prepared copies of ``data_dir`` go (default ``W/tfds``); share
+        one between runs to prepare each data set and size once (``har-train --download-dir``).
       max_steps: stop (and checkpoint) once the global step reaches this; resume later.
       mesh: the device mesh (default: every device).
-      progress_bar: show a tqdm bar on process 0.
+      progress_bar: show progress bars (preparing the data; training, on process 0).
 
     Returns:
       A :class:`FitResult`.
     """
+    if isinstance(config, str):
+        config = get_config(config)
+    if not isinstance(config, Config):
+        raise TypeError(
+            f"config is of type {type(config).__name__}; pass a har_flax.config.Config (get_config("
+            "'tiny'), override(...)) or a preset name or config .json"
+        )
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lock(workdir):
@@ -652,7 +667,12 @@ def fit(
 
             splits = sharding.process_zero_first(
                 lambda: load_splits(
-                    data_dir, workdir, image_size=config.model.image_size, data_config=config.data
+                    data_dir,
+                    workdir,
+                    image_size=config.model.image_size,
+                    data_config=config.data,
+                    download_dir=download_dir,
+                    progress=progress_bar,
                 ),
                 "har_flax:load_splits",
             )
@@ -1153,8 +1173,8 @@ def _check_resumable_config(workdir: Path, config: Config, warn: bool = True) ->
         return None
     old = Config.from_json(path.read_text(encoding="utf-8"))
     hint = (
-        f"use a new --workdir, or the saved settings ({path}; har-train uses them when given "
-        "no --config)"
+        f"use a new work directory, or the saved settings ({path}: har-train uses them when "
+        "given no --config; in Python, fit(get_config(that path), ...))"
     )
     compute = ("dtype", "depthwise_impl")
     model_changed = _differences(old.model, config.model, ignore=compute)

@@ -26,6 +26,7 @@ from har_flax.checkpoint import CheckpointError, save_model
 from har_flax.cli.predict import SAMPLE_IMAGE
 from har_flax.cli.predict import main as predict_main
 from har_flax.images import (
+    LOCAL_LIMITS,
     ImageLimits,
     ImageTooLargeError,
     InvalidImageError,
@@ -361,9 +362,14 @@ def test_request_errors_name_the_field(action_predictor, photos, cat_jpeg):
     with pytest.raises(InvalidImageError) as e:
         action_predictor.prepare([cat_jpeg, b"%PDF-1.7 not a photo"])
     assert e.value.field == "images[1]" and "PDF" in str(e.value)
-    with pytest.raises(ImageTooLargeError) as e:
-        action_predictor.prepare([cat_jpeg] * 65)
+    # Under the server's limits (strangers' uploads); the Predictor's own default is higher.
+    server = copy.copy(action_predictor)
+    server.limits = ImageLimits()
+    with pytest.raises(ImageTooLargeError, match="65 images is over the limit of 64") as e:
+        server.prepare([cat_jpeg] * 65)
     assert e.value.field == "images"
+    assert action_predictor.limits == LOCAL_LIMITS
+    assert action_predictor.prepare([cat_jpeg] * 65).shape == (4, 32, 32, 3)
     # The frame budget spans the request: 2 stills + a 3-frame GIF is over 4 frames.
     strict = copy.copy(action_predictor)
     strict.limits = ImageLimits(max_frames=4)
@@ -392,12 +398,10 @@ def test_prepare_says_what_to_pass_for_a_wrong_argument_type(
     assert len(action_predictor.predict_samples([sample])[0]) == len(ACTION_CLASSES)
     with pytest.raises(TypeError, match=r"\(T, 32, 32, 3\)"):  # any number of frames
         frame_predictor.prepare(decoded)
-    with pytest.raises(
-        TypeError, match=r"images is a file path \(PosixPath\).*Path\(p\)\.read_bytes\(\)"
-    ):
+    with pytest.raises(TypeError, match=r"images is a path, .*Path\(p\)\.read_bytes\(\)"):
         action_predictor.prepare(path)
     with pytest.raises(
-        TypeError, match=r"images is a file path \(str\).*Path\(p\)\.read_bytes\(\)"
+        TypeError, match=r"images is a str \(a file path\?\).*Path\(p\)\.read_bytes\(\)"
     ):
         action_predictor.prepare(str(path))
     with (
@@ -408,18 +412,41 @@ def test_prepare_says_what_to_pass_for_a_wrong_argument_type(
     with pytest.raises(TypeError, match=r"images is of type int; .*sequence of them"):
         action_predictor.prepare(7)
     # The same inside a sequence, named by position; checked before the frame limit.
-    with pytest.raises(TypeError, match=r"images\[1\] is a file path \(PosixPath\)"):
+    with pytest.raises(TypeError, match=r"images\[1\] is a path"):
         action_predictor.prepare([cat_jpeg, path])
     with pytest.raises(TypeError, match=r"images\[0\] is a decoded numpy array"):
         action_predictor.prepare([decoded] * 100)
-    with pytest.raises(TypeError, match=r"images is a file path"):  # predict() checks the same
+    with pytest.raises(TypeError, match=r"images is a path"):  # predict() checks the same
         action_predictor.predict(path)
+    with pytest.raises(TypeError, match=r"images\[0\] is a PIL image.*read_bytes\(\).*np\.asarray"):
+        action_predictor.predict_each([Image.open(path)])
+    with pytest.raises(TypeError, match=r"frame_indices picks that many"):  # T = 4 exactly
+        action_predictor.prepare(decoded)
     # What the messages suggest is accepted.
     with path.open("rb") as f:
         np.testing.assert_array_equal(
             action_predictor.prepare(f.read()), action_predictor.prepare([path.read_bytes()])
         )
     assert action_predictor.prepare((bytearray(cat_jpeg),)).shape == (4, 32, 32, 3)
+
+
+def test_predict_each_answers_each_photo_as_predict_does(action_predictor, photos, cat_jpeg):
+    """A notebook's batch of photos: one answer each, in order, in as few calls as can be."""
+    names = ["chelsea", "coffee", "rocket"]
+    answers = action_predictor.predict_each([photos[n] for n in names])
+    assert len(answers) == 3
+    for name, answer in zip(names, answers, strict=True):
+        alone = action_predictor.predict(photos[name])
+        assert [c for c, _ in answer] == [c for c, _ in alone]
+        np.testing.assert_allclose([p for _, p in answer], [p for _, p in alone], atol=TOL)
+    assert action_predictor.predict_each([]) == []
+    with pytest.raises(InvalidImageError, match=r"^images\[1\]: ") as e:
+        action_predictor.predict_each([cat_jpeg, b"not a photo", cat_jpeg])
+    assert e.value.field == "images[1]"
+    # Samples stacked into one numpy batch are a sequence of samples too.
+    samples = np.stack([action_predictor.prepare(photos[n]) for n in names])  # (3, 4, S, S, 3)
+    stacked = action_predictor.predict_samples(samples)
+    assert [[c for c, _ in a] for a in stacked] == [[c for c, _ in a] for a in answers]
 
 
 def test_model_directory_errors(tmp_path, action_model):

@@ -24,7 +24,7 @@ from PIL import Image
 
 from har_flax import sharding, train
 from har_flax.checkpoint import load_model
-from har_flax.config import TrainConfig, override, tiny
+from har_flax.config import TrainConfig, get_config, override, tiny
 from har_flax.data import ArraySource, load_splits
 from har_flax.data.synthetic import write_synthetic_kaggle
 from har_flax.models import create_model, init_variables
@@ -526,6 +526,23 @@ def test_fit_reads_a_kaggle_layout_itself(tmp_path):
     assert (tmp_path / "w" / "split.json").exists() and (tmp_path / "w" / "tfds").is_dir()
     with pytest.raises(ValueError, match="fit needs data_dir or splits"):
         train.fit(CONFIG, tmp_path / "v")
+
+
+def test_fit_takes_a_preset_name_a_shared_data_folder_and_shows_no_bars(tmp_path, capfd):
+    """What a notebook passes: a preset name, a download_dir shared between runs, no bars."""
+    data = write_synthetic_kaggle(tmp_path / "data", train_per_class=14, test_count=3, seed=2)
+    prepared = tmp_path / "prepared"
+    capfd.readouterr()
+    result = train.fit(
+        "tiny", tmp_path / "w", data_dir=data, download_dir=prepared, max_steps=0,
+        progress_bar=False,
+    )  # fmt: skip
+    assert result.config == get_config("tiny") and int(result.state.step) == 0
+    assert (prepared / "har_kaggle").is_dir() and not (tmp_path / "w" / "tfds").exists()
+    err = capfd.readouterr().err
+    assert "%|" not in err, err  # no tqdm bar of any kind
+    with pytest.raises(TypeError, match="config is of type int; pass a har_flax.config.Config"):
+        train.fit(42, tmp_path / "v", data_dir=data)
 
 
 def test_too_few_images_for_a_batch():

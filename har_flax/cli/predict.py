@@ -51,18 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     # Local files are the user's own: limits higher than the server's (which guards against
     # strangers' decompression bombs), still below Pillow's own refusal at ~179 M pixels.
+    from har_flax.images import LOCAL_LIMITS  # Pillow and NumPy only, no JAX
+
+    own = LOCAL_LIMITS
     limits = parser.add_argument_group("limits (higher than the server's: these are your files)")
     limits.add_argument(
-        "--max-image-mb", type=float, default=64, metavar="MB",
-        help="largest file, in MiB (default: 64)",
+        "--max-image-mb", type=float, default=own.max_bytes / 2**20, metavar="MB",
+        help=f"largest file, in MiB (default: {own.max_bytes / 2**20:g})",
     )  # fmt: skip
     limits.add_argument(
-        "--max-pixels", type=int, default=150_000_000, metavar="N",
-        help="largest frame, width x height (default: 150000000)",
+        "--max-pixels", type=int, default=own.max_pixels, metavar="N",
+        help=f"largest frame, width x height (default: {own.max_pixels})",
     )  # fmt: skip
     limits.add_argument(
-        "--max-frames", type=int, default=512, metavar="N",
-        help="most frames per answer, animated images counted per frame (default: 512)",
+        "--max-frames", type=int, default=own.max_frames, metavar="N",
+        help="most frames per answer, animated images counted per frame "
+        f"(default: {own.max_frames})",
     )  # fmt: skip
     return parser
 
