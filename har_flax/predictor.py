@@ -403,7 +403,7 @@ class Predictor:
         arrays = (
             f"For decoded RGB frames, resize each with har_flax.images.resize_frame(frame, {s}) "
             f"and pass [np.stack(frames)], uint8 ({t}, {s}, {s}, 3), to predict_samples()"
-            + ("" if self._per_frame else " (frame_indices picks that many from more)")
+            + ("" if self._per_frame else f"; frame_indices(n, {t}) picks {t} of n frames")
         )
         if isinstance(value, np.ndarray):
             return TypeError(
