@@ -4,6 +4,7 @@ Every value can be changed without editing this file through the HAR_WEBUI_* var
 the app itself reads HAR_* (webui/settings.py). nginx sits in front (deploy/nginx/).
 """
 
+import logging
 import os
 import shutil
 import tempfile
@@ -35,22 +36,48 @@ proxy_allow_ips = forwarded_allow_ips
 accesslog = os.environ.get("HAR_WEBUI_ACCESS_LOG", "-")
 errorlog = "-"
 loglevel = os.environ.get("HAR_WEBUI_LOG_LEVEL", "info")
+# gunicorn 25.1+ opens a control socket for gunicornc in $XDG_RUNTIME_DIR or ~/.gunicorn: under
+# har-webui.service that home is read-only (an ERROR at every start), and two instances of one
+# user would share the socket. systemd's signals do what it offers (older gunicorns ignore it).
+control_socket_disable = True
 
 # Prometheus: with several workers, each writes its samples to files in this folder and
 # /metrics adds them up. It must be set, and exist, before prometheus_client is imported (the
 # app is preloaded right after this file runs), and be emptied at every start (files left by
-# an earlier run would count twice).
-os.environ.setdefault(
-    "PROMETHEUS_MULTIPROC_DIR", os.path.join(tempfile.gettempdir(), "har-webui-prometheus")
-)
+# an earlier run would count twice). har-webui.service sets it (under /run); otherwise each
+# instance gets a folder of its own, removed when it stops: a shared default folder would be
+# emptied by the next instance's start, taking the running one's counts with it.
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="har-webui-prometheus-")
+    os.environ["HAR_WEBUI_OWN_PROMETHEUS_DIR"] = "1"  # remove it at exit (on_exit)
 os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 
+def _app_logs_like_gunicorn(server):
+    """The app's own lines (webui.*: the model server down, a bad token) go where gunicorn's
+    error log goes, with its time, pid and level; without this they reached stderr bare, and
+    INFO lines not at all."""
+    app_log = logging.getLogger("webui")
+    app_log.handlers[:] = server.log.error_log.handlers
+    app_log.setLevel(server.log.error_log.level)
+    app_log.propagate = False
+
+
 def on_starting(server):
+    _app_logs_like_gunicorn(server)
     # After the preload, before any worker exists: only the master's (empty) files are lost.
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path, exist_ok=True)
+
+
+def on_reload(server):
+    _app_logs_like_gunicorn(server)  # a reload (HUP) replaces gunicorn's handlers
+
+
+def on_exit(server):
+    if os.environ.get("HAR_WEBUI_OWN_PROMETHEUS_DIR"):
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def child_exit(server, worker):

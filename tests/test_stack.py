@@ -77,6 +77,53 @@ def gunicorn(default_grpc, tmp_path_factory):
         log.close()
 
 
+def test_gunicorn_logs_an_outage_in_its_own_format_once_and_leaves_nothing(default_grpc, tmp_path):
+    """Found in a soak test: an outage wrote one bare line per request (600 in 30 s, no time
+    or level); two instances shared one metrics folder, the second emptying the first's; and
+    gunicorn 25.1+ reported a control-socket ERROR at every start where HOME is read-only."""
+    front = support.TcpForwarder()  # the model server's address, nothing behind it yet
+    port = support.free_port()
+    (tmp_path / "tmp").mkdir()
+    env = support.env_without_proxies()
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.pop("XDG_RUNTIME_DIR", None)
+    env.update(
+        HAR_WEBUI_BIND=f"127.0.0.1:{port}",
+        HAR_WEBUI_WORKERS="1",
+        HAR_WEBUI_THREADS="4",
+        HAR_GRPC_TARGET=front.target,
+        TMPDIR=str(tmp_path / "tmp"),
+        HOME="/etc/hostname/home",  # a file: no ~/.gunicorn can be made there
+    )
+    log_path = tmp_path / "gunicorn.log"
+    url = f"http://127.0.0.1:{port}/"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(DEPLOY / "gunicorn.conf.py")],
+            cwd=support.REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            support.wait_http(url, timeout_s=120, proc=proc, log=log_path)
+            (metrics_dir,) = (tmp_path / "tmp").glob("har-webui-prometheus-*")
+            for _ in range(20):
+                with pytest.raises(urllib.error.HTTPError) as e:
+                    urllib.request.urlopen(url + "health", timeout=30)
+                assert e.value.code == 503
+            front.forward(default_grpc.target)
+            support.wait_http(url + "health", timeout_s=60, proc=proc, log=log_path)
+        finally:
+            exit_code = support.stop_process(proc)
+            front.close()
+    text = log_path.read_text(errors="replace")
+    assert exit_code == 0, text
+    stamp = r"^\[[^]]+\] \[\d+\] \[WARNING\] the model server at " + re.escape(front.target)
+    assert len(re.findall(stamp + " is unavailable", text, flags=re.M)) == 1, text
+    again = re.search(stamp + r" answers again, after \d+ s and (\d+) failed calls", text, re.M)
+    assert again and int(again.group(1)) >= 20, text
+    assert "Control server" not in text and "ERROR" not in text, text
+    assert not metrics_dir.exists(), "the instance's own metrics folder is left behind"
+
+
 def render_site(name: str, replacements: dict[str, str]) -> str:
     """A shipped deploy/nginx file with the deployment-specific strings replaced.
 

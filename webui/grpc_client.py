@@ -43,6 +43,7 @@ import math
 import os
 import re
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -179,7 +180,58 @@ def _resource_exhausted(message: str, details: _Details) -> tuple[int, str, floa
     return 503, "The model server is busy right now; try again in a moment", retry
 
 
-def translate_error(err: grpc.RpcError, target: str) -> ModelServerError:
+class TroubleLog:
+    """Logs each kind of trouble with the model server at most once per ``every_s`` seconds.
+
+    An outage under load fails every request; a line for each (600 in 30 s, seen in a soak
+    test) buries when it began and when it ended. The next line of a kind says how many like
+    it were left out, and the first answer after an outage says that it ended. One per
+    :class:`ModelClient`, so per worker process.
+    """
+
+    def __init__(self, every_s: float = 30.0, clock: Any = time.monotonic):
+        self.every_s = every_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._kinds: dict[str, list] = {}  # kind -> [time of its last line, left out since]
+        self._outage: list | None = None  # [start time, failed calls] while unreachable
+
+    def log(self, level: int, kind: str, message: str, *args: Any, outage: bool = False) -> None:
+        now = self.clock()
+        with self._lock:
+            if outage:
+                self._outage = self._outage or [now, 0]
+                self._outage[1] += 1
+            last = self._kinds.get(kind)
+            if last is not None and now - last[0] < self.every_s:
+                last[1] += 1
+                return
+            left_out = last[1] if last is not None else 0
+            self._kinds[kind] = [now, 0]
+        if left_out:
+            message += " (and %d more like this since the last such line)"
+            args = (*args, left_out)
+        log.log(level, message, *args)
+
+    def answered(self, target: str) -> None:
+        """A call got an answer: an outage, if there was one, is over."""
+        if self._outage is None:  # the usual case, without taking the lock
+            return
+        with self._lock:
+            outage, self._outage = self._outage, None
+            self._kinds.pop("unavailable", None)
+        if outage is not None:
+            log.warning(
+                "the model server at %s answers again, after %.0f s and %d failed calls",
+                target,
+                self.clock() - outage[0],
+                outage[1],
+            )
+
+
+def translate_error(
+    err: grpc.RpcError, target: str, trouble: TroubleLog | None = None
+) -> ModelServerError:
     """Maps a failed call to the HTTP status and JSON body the API answers with.
 
     What only the operator can use (the server address, gRPC core's text, a rejected
@@ -188,10 +240,12 @@ def translate_error(err: grpc.RpcError, target: str) -> ModelServerError:
     Args:
       err: the exception raised by a stub call (also a grpc.Call).
       target: the server address, for the log.
+      trouble: where the lines go, each kind at most once per interval (default: every line).
 
     Returns:
       The ModelServerError to raise (see the module docstring for the mapping).
     """
+    say = (trouble or TroubleLog(every_s=0)).log
     code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
     raw = (err.details() if callable(getattr(err, "details", None)) else "") or ""
     details = _rich_details(err)
@@ -205,16 +259,21 @@ def translate_error(err: grpc.RpcError, target: str) -> ModelServerError:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         http_status, message, retry_after_s = _resource_exhausted(raw, details)
         if http_status == 413 and (details.reason in _MESSAGE_SIZE_REASONS or not details.types):
-            log.warning(
+            say(
+                logging.WARNING,
+                "too large",
                 "the model server at %s refused a request as too large: %s; keep "
                 "HAR_MAX_UPLOAD_MB below its --max-message-bytes",
                 target,
                 raw,
             )
         elif http_status == 503:
-            log.warning("the model server at %s is overloaded: %s", target, raw)
+            say(logging.WARNING, "overloaded", "the model server at %s is overloaded: %s", target,
+                raw)  # fmt: skip
     elif code in _CREDENTIAL_CODES:
-        log.error(
+        say(
+            logging.ERROR,
+            "credentials",
             "the model server at %s rejected the web UI's credentials (%s: %s); check "
             "HAR_GRPC_TOKEN / HAR_GRPC_TOKEN_FILE against its --auth-token, and the client "
             "certificate",
@@ -225,14 +284,17 @@ def translate_error(err: grpc.RpcError, target: str) -> ModelServerError:
         message = MISCONFIGURED + "; the operator must fix the web UI's settings (see its log)"
     elif code == grpc.StatusCode.UNAVAILABLE:
         if not from_server:
-            log.warning("the model server at %s is unavailable: %s", target, raw)
+            say(logging.WARNING, "unavailable", "the model server at %s is unavailable: %s",
+                target, raw, outage=True)  # fmt: skip
             message = "The model server is not reachable right now; try again in a moment"
         message = message or "The model server is unavailable; try again in a moment"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        log.warning("the model server at %s did not answer in time: %s", target, raw)
+        say(logging.WARNING, "deadline", "the model server at %s did not answer in time: %s",
+            target, raw)  # fmt: skip
         message = "The model server did not answer in time; try again later"
     elif not message:
-        log.warning("the model server at %s failed with %s: %s", target, code.name, raw)
+        say(logging.WARNING, code.name, "the model server at %s failed with %s: %s", target,
+            code.name, raw)  # fmt: skip
         message = f"The model server failed ({code.name}); try again later"
     return ModelServerError(
         http_status,
@@ -327,6 +389,7 @@ class ModelClient:
         # Whether the server accepted our credentials on the last authenticated call (None:
         # not known yet). /health checks them (with Classes) while this is not True.
         self.credentials_ok: bool | None = None
+        self.trouble = TroubleLog()
 
     def _get_stub(self) -> har_pb2_grpc.ActionRecognitionStub:
         with self._lock:
@@ -366,10 +429,11 @@ class ModelClient:
         try:
             reply = getattr(stub, method)(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as err:
-            error = translate_error(err, self.target)
+            error = translate_error(err, self.target, self.trouble)
             if error.credentials_rejected:
                 self.credentials_ok = False
             raise error from None
+        self.trouble.answered(self.target)
         if method != "Health":  # the only call that needs no token
             self.credentials_ok = True
         return reply
