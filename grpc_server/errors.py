@@ -113,9 +113,13 @@ def handle_failures(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def wrapper(self, request, context):
+        # Imported here: interceptors imports this module.
+        from grpc_server.interceptors import annotate  # noqa: PLC0415
+
         try:
             return method(self, request, context)
         except RpcFailure as failure:
+            annotate(reason=failure.reason)  # for the access log and har_grpc_refusals_total
             abort(context, failure)
         except Exception as e:
             # context.abort raises a plain Exception after setting the status; let it through.
@@ -123,6 +127,7 @@ def handle_failures(method: Callable) -> Callable:
                 raise
             error_id = uuid.uuid4().hex[:12]
             log.exception("internal error %s in %s: %s", error_id, method.__name__, e)
+            annotate(reason="INTERNAL", error_id=error_id)
             abort(
                 context,
                 RpcFailure(

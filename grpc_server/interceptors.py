@@ -547,6 +547,8 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
         code = _final_code(context, raised)
         if self._metrics is not None:
             self._metrics.requests.labels(method, code.name).inc()
+            if "reason" in fields:
+                self._metrics.refusals.labels(method, fields["reason"]).inc()
             self._metrics.latency.labels(method).observe(latency)
             self._metrics.in_flight.dec()
         line = {

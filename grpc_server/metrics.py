@@ -22,6 +22,15 @@ class Metrics:
             ("method", "code"),
             registry=r,
         )
+        # Which refusal a status code stands for: RESOURCE_EXHAUSTED is an overload
+        # (OVERLOADED) or a client's big image (IMAGE_TOO_LARGE), and alerts need to tell.
+        self.refusals = prom.Counter(
+            "har_grpc_refusals",
+            "gRPC calls refused or failed, by method and reason (the ErrorInfo reason, as the "
+            "access log's reason=).",
+            ("method", "reason"),
+            registry=r,
+        )
         self.latency = prom.Histogram(
             "har_grpc_request_latency_seconds",
             "Server-side gRPC call latency by method.",

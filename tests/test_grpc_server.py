@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -446,15 +447,30 @@ def test_exif_rotated_jpeg_equals_the_upright_photo(client, photo_arrays):
 # Operations: metrics and the access log.
 
 
+def _refusals(text: str, reason: str) -> float:
+    predict = 'method="/har.v1.ActionRecognition/Predict"'
+    sample = rf'^har_grpc_refusals_total{{{predict},reason="{reason}"}} (\S+)$'
+    found = re.search(sample, text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 def test_metrics_and_access_log(server, client, cat_jpeg):
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    before = urllib.request.urlopen(url, timeout=10).read().decode()
     _predict(client, [cat_jpeg])
     with pytest.raises(grpc.RpcError):
         _predict(client, [b""])
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    # Over --max-frames: RESOURCE_EXHAUSTED, as an overload is; the reason tells them apart.
+    with pytest.raises(grpc.RpcError):
+        _predict(client, [cat_jpeg] * (MAX_FRAMES + 1))
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     predict = 'method="/har.v1.ActionRecognition/Predict"'
     assert f'har_grpc_requests_total{{code="OK",{predict}}}' in text
     assert f'har_grpc_requests_total{{code="INVALID_ARGUMENT",{predict}}}' in text
+    for reason in ("INVALID_IMAGE", "IMAGE_TOO_LARGE"):
+        assert _refusals(text, reason) - _refusals(before, reason) == 1, text
+        server.wait_for_line(rf"Predict code=\w+ .*reason={reason}", 10)
+    assert 'reason="OK"' not in text and "reason=OK" not in server.text
     assert "har_grpc_request_latency_seconds_bucket" in text
     assert "har_batch_size_count" in text and "har_batch_queue_depth" in text
     assert 'har_model_info{kind="imagenet"' in text and "har_model_ready 1.0" in text
