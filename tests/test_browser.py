@@ -450,9 +450,15 @@ def test_a_panorama_and_a_tower_get_thumbnails_not_slivers(browser, tiny_site, p
         Image.new("RGB", size, (200, 90, 40)).save(out, "JPEG")
         return out.getvalue()
 
-    shapes = {"panorama": (1600, 16), "tower": (16, 1600)}
-    files = jpeg_files(photos, ["chelsea"]) + [
-        {"name": f"{n}.jpg", "mimeType": "image/jpeg", "buffer": jpeg(s)} for n, s in shapes.items()
+    def files(shapes):
+        return [{"name": f"{n}.jpg", "mimeType": "image/jpeg", "buffer": jpeg(s)}
+                for n, s in shapes.items()]  # fmt: skip
+
+    # With a photo of usual shape in the row, flexbox stretches the others to its height; a
+    # row of panoramas alone has only their own minimum heights to keep.
+    uploads = [
+        jpeg_files(photos, ["chelsea"]) + files({"panorama": (1600, 16), "tower": (16, 1600)}),
+        files({"wide": (1600, 16), "wider": (2000, 20), "widest": (1200, 12)}),
     ]
     sizes = """imgs => imgs.map(i => {
                  const r = i.getBoundingClientRect();
@@ -462,15 +468,18 @@ def test_a_panorama_and_a_tower_get_thumbnails_not_slivers(browser, tiny_site, p
     try:
         page = w.page
         page.wait_for_selector("#classes-details:not([hidden])")
-        page.set_input_files("#file-input", files=files)
-        page.wait_for_selector("#preview-caption:has-text('3 photos')")
-        previews = page.eval_on_selector_all("#preview-list img", sizes)
-        page.get_by_role("button", name="Recognize action").click()
-        page.wait_for_selector("#result-view:not([hidden])")
-        thumbnails = page.eval_on_selector_all("#result-photos img", sizes)
-        assert len(previews) == len(thumbnails) == 3
-        for kind, found in (("preview", previews), ("thumbnail", thumbnails)):
-            assert min(min(size) for size in found) >= 36, f"a {kind} is a sliver: {found}"
+        for upload in uploads:
+            page.set_input_files("#file-input", files=upload)
+            page.wait_for_selector("#preview-caption:has-text('3 photos')")
+            previews = page.eval_on_selector_all("#preview-list img", sizes)
+            page.get_by_role("button", name="Recognize action").click()
+            page.wait_for_selector("#result-view:not([hidden])")
+            thumbnails = page.eval_on_selector_all("#result-photos img", sizes)
+            assert len(previews) == len(thumbnails) == 3
+            # At least 3rem (48 px) in the preview list and 2.5rem (40 px) in the result.
+            for kind, found, least in (("preview", previews, 48), ("thumbnail", thumbnails, 40)):
+                assert min(min(size) for size in found) >= least, f"a {kind} is a sliver: {found}"
+            page.get_by_role("button", name="Try another").click()
         w.assert_offline_and_clean()
     finally:
         w.close()

@@ -31,5 +31,8 @@ def test_the_python_guide_runs_as_written(tmp_path):
     assert "('calling', 'clapping', 'cycling')" in done.stdout.splitlines(), done.stdout
     assert (tmp_path / "runs" / "notebook" / "model" / "labels.json").exists()
     assert (tmp_path / "reports" / "notebook" / "report.json").exists()
+    # Training and evaluation shared one prepared copy, in download_dir, not in W/tfds.
+    assert len(list((tmp_path / "data" / "prepared" / "har_kaggle").glob("*px-*"))) == 1
+    assert not (tmp_path / "runs" / "notebook" / "tfds").exists()
     # progress_bar=False and progress=False: no tqdm bar on stderr.
     assert "%|" not in done.stderr, done.stderr[-4000:]

@@ -8,7 +8,9 @@ servers with different settings share one loaded Predictor.
 
 from __future__ import annotations
 
+import copy
 import logging
+import re
 import threading
 import time
 from concurrent import futures
@@ -329,6 +331,40 @@ def _outcome(call) -> tuple[grpc.StatusCode, dict, str]:
         return grpc.StatusCode.OK, {}, ""
     except grpc.RpcError as e:
         return e.code(), rich_details(e), e.details()
+
+
+def test_a_bug_is_internal_to_the_client_and_found_by_its_id_in_the_log(predictor, inputs, caplog):
+    """An unexpected exception in a handler: the client gets INTERNAL and an id, never the
+    exception's text; the access log, the metrics and the traceback in the log carry the id."""
+    broken = copy.copy(predictor)
+
+    def predict_samples(samples):
+        raise RuntimeError("secret internals")
+
+    broken.predict_samples = predict_samples  # a bug, as the servicer would meet it
+    server = _server(broken, batching=False)
+    try:
+        caplog.set_level(logging.INFO, logger="grpc_server")
+        with pytest.raises(grpc.RpcError) as e:
+            stub(f"127.0.0.1:{server.port}").Predict(
+                har_pb2.PredictRequest(images=[inputs[0]]), timeout=30
+            )
+        assert e.value.code() == grpc.StatusCode.INTERNAL
+        found = re.fullmatch(
+            r"internal server error \(id ([0-9a-f]{12})\); the operator can find it in the "
+            r"server log",
+            e.value.details(),
+        )
+        assert found, e.value.details()
+        error_id = found.group(1)
+        (line,) = _access_lines(caplog, "Predict code=INTERNAL")
+        assert f"reason=INTERNAL error_id={error_id}" in line, line
+        assert _sample(server, "har_grpc_refusals_total", method=PREDICT, reason="INTERNAL") == 1
+        (logged,) = [r for r in caplog.records if r.name == "grpc_server.errors"]
+        assert error_id in logged.getMessage() and "secret internals" in logged.getMessage()
+        assert logged.exc_info is not None  # the traceback, for whoever looks the id up
+    finally:
+        server.stop()
 
 
 def test_overload_is_refused_by_the_server_with_overloaded_retry_info_logged_and_counted(

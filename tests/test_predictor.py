@@ -433,8 +433,11 @@ def test_prepare_says_what_to_pass_for_a_wrong_argument_type(
 def test_predict_each_answers_each_photo_as_predict_does(action_predictor, photos, cat_jpeg):
     """A notebook's batch of photos: one answer each, in order, in as few calls as can be."""
     names = ["chelsea", "coffee", "rocket"]
-    answers = action_predictor.predict_each([photos[n] for n in names])
-    assert len(answers) == 3
+    batches = []
+    batched = copy.copy(action_predictor)  # counts its calls of the model
+    batched._logits = lambda rows: batches.append(len(rows)) or action_predictor._logits(rows)
+    answers = batched.predict_each([photos[n] for n in names])
+    assert len(answers) == 3 and batches == [3], batches  # one batch of the three
     for name, answer in zip(names, answers, strict=True):
         alone = action_predictor.predict(photos[name])
         assert [c for c, _ in answer] == [c for c, _ in alone]

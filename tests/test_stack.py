@@ -14,11 +14,13 @@ import http.client
 import json
 import os
 import re
+import runpy
 import shutil
 import signal
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -122,6 +124,24 @@ def test_gunicorn_logs_an_outage_in_its_own_format_once_and_leaves_nothing(defau
     assert again and int(again.group(1)) >= 20, text
     assert "Control server" not in text and "ERROR" not in text, text
     assert not metrics_dir.exists(), "the instance's own metrics folder is left behind"
+
+
+def test_each_gunicorn_instance_outside_systemd_has_its_own_metrics_folder(tmp_path, monkeypatch):
+    """A second instance empties its folder as it starts: a shared one took the first's counts."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    folders = []
+    for _ in range(2):
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "set, so that monkeypatch restores it")
+        monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+        monkeypatch.setenv("HAR_WEBUI_OWN_PROMETHEUS_DIR", "")
+        tempfile.tempdir = None  # read TMPDIR again
+        try:
+            settings = runpy.run_path(str(DEPLOY / "gunicorn.conf.py"))
+        finally:
+            tempfile.tempdir = None
+        folders.append(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+        assert settings["control_socket_disable"] is True
+    assert folders[0] != folders[1] and all(f.parent == tmp_path and f.is_dir() for f in folders)
 
 
 def render_site(name: str, replacements: dict[str, str]) -> str:

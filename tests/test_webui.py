@@ -31,6 +31,7 @@ from PIL import Image
 
 from har_flax.proto.har.v1 import har_pb2, har_pb2_grpc
 from webui import create_app
+from webui.grpc_client import TroubleLog
 from webui.security import CONTENT_SECURITY_POLICY
 
 MiB = 1024 * 1024
@@ -523,6 +524,35 @@ def test_a_token_the_model_server_refuses_is_the_web_uis_fault(tiny, cat_jpeg, c
     )
     assert "HAR_GRPC_TOKEN" in caplog.text and tiny.target in caplog.text
     assert_json_error(client.get("/classes"), 502)
+
+
+def test_trouble_with_the_model_server_is_logged_once_per_interval_with_a_count(caplog):
+    """An outage fails every request: one line per kind per 30 s, the rest counted, and a line
+    when it is over (the stack test sees the same lines in gunicorn's log)."""
+    now = [0.0]
+    trouble = TroubleLog(every_s=30, clock=lambda: now[0])
+    lines = []
+
+    def fail(kind: str, at: float, outage: bool = True) -> None:
+        now[0] = at
+        trouble.log(logging.WARNING, kind, "%s at %s", kind, "x:1", outage=outage)
+
+    with caplog.at_level(logging.INFO, logger="webui"):
+        for at in (0, 1, 2):
+            fail("unavailable", at)
+        fail("overloaded", 3, outage=False)  # another kind has its own interval
+        lines.append(list(caplog.messages))
+        fail("unavailable", 31)
+        now[0] = 40
+        trouble.answered("x:1")
+        trouble.answered("x:1")  # nothing more to say
+        fail("unavailable", 41)  # a new outage is news at once
+    assert lines[0] == ["unavailable at x:1", "overloaded at x:1"]
+    assert caplog.messages[2:] == [
+        "unavailable at x:1 (and 2 more like this since the last such line)",
+        "the model server at x:1 answers again, after 40 s and 4 failed calls",
+        "unavailable at x:1",
+    ]
 
 
 def test_no_model_server_is_503_everywhere_without_internals():
