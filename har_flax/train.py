@@ -612,7 +612,7 @@ class _CompileStats:
 
 
 def fit(
-    config: Config | str,
+    config: Config | str | os.PathLike,
     workdir: str | Path,
     *,
     data_dir: str | Path | None = None,
@@ -634,7 +634,7 @@ def fit(
     process (another run, a Predictor) use that folder too, unless they set their own.
 
     Args:
-      config: the run, or a preset name or config ``.json`` for
+      config: the run, or a preset name or the path of a config ``.json``, for
         :func:`har_flax.config.get_config`; ``model.num_classes`` is set from the data.
       workdir: W.
       data_dir: the Kaggle layout (``Training_set.csv``, ``train/``, ...); read with
@@ -649,8 +649,8 @@ def fit(
     Returns:
       A :class:`FitResult`.
     """
-    if isinstance(config, str):
-        config = get_config(config)
+    if isinstance(config, (str, os.PathLike)):
+        config = get_config(os.fspath(config))
     if not isinstance(config, Config):
         raise TypeError(
             f"config is of type {type(config).__name__}; pass a har_flax.config.Config (get_config("

@@ -543,6 +543,10 @@ def test_fit_takes_a_preset_name_a_shared_data_folder_and_shows_no_bars(tmp_path
     assert "%|" not in err, err  # no tqdm bar of any kind
     with pytest.raises(TypeError, match="config is of type int; pass a har_flax.config.Config"):
         train.fit(42, tmp_path / "v", data_dir=data)
+    # The run's saved settings, as a path: the way to go on with them.
+    again = train.fit(tmp_path / "w" / "config.json", tmp_path / "w", data_dir=data,
+                      download_dir=prepared, max_steps=0, progress_bar=False)  # fmt: skip
+    assert again.config == result.config
 
 
 def test_too_few_images_for_a_batch():
