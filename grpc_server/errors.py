@@ -110,12 +110,12 @@ def handle_failures(method: Callable) -> Callable:
     The unexpected case is logged with its traceback under a short id, and the client gets only
     the id, so a bug never leaks internals but can still be found in the log.
     """
+    # Imported when a method is decorated, not on every call; not at the top: interceptors
+    # imports this module.
+    from grpc_server.interceptors import annotate  # noqa: PLC0415
 
     @functools.wraps(method)
     def wrapper(self, request, context):
-        # Imported here: interceptors imports this module.
-        from grpc_server.interceptors import annotate  # noqa: PLC0415
-
         try:
             return method(self, request, context)
         except RpcFailure as failure:
