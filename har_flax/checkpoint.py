@@ -406,14 +406,16 @@ class TrainCheckpoints:
         manager = self._managers[which]
         if self.latest_step(which) == step:
             manager.delete(step)
-        # Host copies, taken now (the caller may donate the device buffers next). The state is
-        # replicated, so numpy copies say all there is; orbax writes them from process 0 alone,
-        # in half the time it takes for jax.Arrays (its cost is per array, and a train state
-        # has ~650: 0.45 against 0.95 s a save on a CPU). Restored, they are jax.Arrays placed
-        # as ``abstract_state`` says.
-        host_state = jax.device_get(state)
+        if jax.process_count() == 1:
+            # Host copies, taken now (the caller may donate the device buffers next): orbax
+            # writes numpy arrays in half the time it takes for jax.Arrays (its cost is per
+            # array, and a train state has ~650: 0.45 against 0.95 s a save on a CPU). Restored,
+            # they are jax.Arrays placed as ``abstract_state`` says. Not across processes: there,
+            # orbax's numpy path deadlocked now and then (1 run in ~5 of test_multihost.py's
+            # starts: process 1 waiting for a signal of process 0, which waited at a barrier).
+            state = jax.device_get(state)
         args = {
-            _STATE_ITEM: ocp.args.StandardSave(host_state),
+            _STATE_ITEM: ocp.args.StandardSave(state),
             # A copy: the caller goes on changing its dict while this is written.
             _PROGRESS_ITEM: ocp.args.JsonSave(json.loads(json.dumps(progress))),
         }
