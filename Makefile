@@ -20,8 +20,10 @@ $(STAMP): setup.cfg pyproject.toml
 serve: install
 	$(PY) scripts/serve_all.py $(if $(MODEL),--model $(MODEL))
 
-# Two pytest workers (pytest-xdist), one test file each at a time: most of the suite waits on
-# XLA compiling, one core's work, so a 2-core machine runs it in about 10 minutes, not 15.
+# Two pytest workers (pytest-xdist), one test file each at a time, the slowest files first
+# (tests/conftest.py): most of the suite waits on XLA compiling, one core's work. On a 2-core
+# machine the two share ~1,700 s of tests: 847 s of pytest, 15 min with the install, from a
+# clean checkout (2026-11-27); the same machine has been up to ~45 % slower at times.
 # `make test TEST_WORKERS=0` runs it in one process; plain `pytest` does too.
 TEST_WORKERS ?= 2
 
