@@ -22,8 +22,8 @@ serve: install
 
 # Two pytest workers (pytest-xdist), one test file each at a time, the slowest files first
 # (tests/conftest.py): most of the suite waits on XLA compiling, one core's work. On a 2-core
-# machine the two share ~1,700 s of tests: 847 s of pytest, 15 min with the install, from a
-# clean checkout (2026-11-27); the same machine has been up to ~45 % slower at times.
+# machine: 847 s of pytest, 15 min with the install, from a clean checkout (2026-11-27); the
+# same machine took up to 1,316 s for the same tests at another time of that day.
 # `make test TEST_WORKERS=0` runs it in one process; plain `pytest` does too.
 TEST_WORKERS ?= 2
 

@@ -411,8 +411,9 @@ class TrainCheckpoints:
             # writes numpy arrays in half the time it takes for jax.Arrays (its cost is per
             # array, and a train state has ~650: 0.45 against 0.95 s a save on a CPU). Restored,
             # they are jax.Arrays placed as ``abstract_state`` says. Not across processes: there,
-            # orbax's numpy path deadlocked now and then (1 run in ~5 of test_multihost.py's
-            # starts: process 1 waiting for a signal of process 0, which waited at a barrier).
+            # orbax's numpy path deadlocked now and then (test_multihost.py hung in 1 run of 6,
+            # and 1 of 13 two-process starts in a loop: process 1 waiting for a signal of
+            # process 0, which waited at a barrier).
             state = jax.device_get(state)
         args = {
             _STATE_ITEM: ocp.args.StandardSave(state),

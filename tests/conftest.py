@@ -64,8 +64,8 @@ def output_dir(request) -> Path:
     return path
 
 
-# The slowest test files, slowest first (seconds of one run on 2 cores, from `pytest
-# --junitxml`): `make test` hands whole files to its two workers in collection order
+# The slowest test files, slowest first (seconds of one run on 2 cores, a slow one, from
+# `pytest --junitxml`): `make test` hands whole files to its two workers in collection order
 # (`--dist loadfile --no-loadscope-reorder`), so the long ones start first and the short ones
 # fill in around them. In xdist's own order (most tests first), the few-test, minutes-long files
 # came last and one worker ran the last of them alone. Files not named keep their order, after.
