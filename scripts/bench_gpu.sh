@@ -7,20 +7,20 @@
 # Runs from the repository root with the machine's own JAX/Flax/optax/orbax and PyTorch
 # (har_flax is used from the source tree; nothing is installed). Each benchmark is a separate
 # process with its own time limit, so one failure or timeout does not lose the others; each
-# writes its JSON/log to OUT_DIR, and a summary table is printed last. All sections take more
-# than one 10-minute device call (each train-step variant compiled for about 90 s on an H200),
-# and a lease has 15 minutes in all, machine start included. So a lease runs them as
-# back-to-back calls (the machine stays warm between them), the issue's figures first; the
-# first call's limits add up to 340 s, so it cannot run into the 600 s call limit:
-#   SECTIONS="grad_probe train_default torch_eager" scripts/bench_gpu.sh "$OUT"
-#   SECTIONS="torch_compile predict train_frozen_bn" scripts/bench_gpu.sh "$OUT"
-#   SECTIONS="train_no_augment train_conv" scripts/bench_gpu.sh "$OUT"    (if time is left)
+# writes its JSON/log to OUT_DIR and to standard output (a device call brings back only 8
+# files: `... | tee "$OUT/run.log"` keeps everything in one), and a summary table is printed last.
+#
+# Sections run in order of importance: the issue's figures first. BUDGET_S (default 540)
+# caps the whole run, so that it fits one 10-minute device call: a section starts only while
+# at least half its limit is left, and never runs past the budget. One lease (15 minutes,
+# the machine's start included) is one call:
+#   BUDGET_S=540 scripts/bench_gpu.sh /tmp/bench 2>&1 | tee "$OUT/run.log"
 # Compiled programs are cached in /tmp/har-jax-cache, so a rerun on a warm machine skips them.
 #
 # The inference benchmark ports the bundled TFLite weights, which needs the pure-Python `tflite`
 # package. If the machine lacks it, put its wheel in .whl/ first (ignored by git), here:
-#   pip download --no-deps -d .whl tflite==2.18.0
-# and the script installs it from there.
+#   pip download --no-deps --only-binary=:all: -d .whl tflite==2.18.0
+# carry .whl, and the script installs it from there.
 set -u
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-bench-gpu-out}}"
@@ -29,20 +29,27 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/har-jax-cache}"
 py="${PYTHON:-python3}"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  "$py" -m pip install -q --no-index --no-deps --target /tmp/har-site .whl/*.whl &&
+  "$py" -m pip install -q --no-index --no-deps --upgrade --target /tmp/har-site .whl/*.whl &&
     export PYTHONPATH="$PYTHONPATH:/tmp/har-site"
 fi
 t_start=$(date +%s)
+budget=${BUDGET_S:-540}
 
 section() {  # section NAME LIMIT_S COMMAND...: runs COMMAND, its output to OUT_DIR/NAME.log
   local name=$1 limit=$2
   shift 2
   case " ${SECTIONS:-$name} " in *" $name "*) ;; *) return ;; esac
+  local left=$((budget - ($(date +%s) - t_start)))
+  if [ "$left" -lt $((limit / 2)) ]; then
+    echo "== $name: skipped, ${left} s of the ${budget} s budget left (limit ${limit} s)"
+    return
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
   local t0=$(date +%s)
   timeout --kill-after=10 "$limit" "$@" 2>&1 | grep -v "Delay kernel timed out" >"$out/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "== $name: rc=$rc in $(($(date +%s) - t0)) s (total $(($(date +%s) - t_start)) s)"
-  [ "$rc" -eq 0 ] || tail -n 25 "$out/$name.log"
+  tail -n 60 "$out/$name.log"
 }
 
 {
@@ -72,8 +79,6 @@ for impl in ("conv", "gemm"):
     err = float(jnp.linalg.norm(dw - ref) / jnp.linalg.norm(ref))
     print(f"{impl}: non-finite {int(jnp.sum(~jnp.isfinite(dw)))}/{dw.size}, rel. error {err:.2e}")
 EOF
-[ -f "$out/grad_probe.log" ] && cat "$out/grad_probe.log"
-
 bt="scripts/bench_train.py --config default --batch-size 256 --set model.dtype=bfloat16"
 # 1. The issue's figure: the full CNN-LSTM train step (augmentation, BatchNorm in training mode,
 #    as when training from scratch; depthwise_impl auto = "gemm" on a GPU), one epoch of
@@ -82,19 +87,19 @@ bt="scripts/bench_train.py --config default --batch-size 256 --set model.dtype=b
 section train_default 200 "$py" $bt
 # 2. The PyTorch reference in the same lease.
 section torch_eager 80 "$py" scripts/bench_torch_mobilenet.py --batch-size 256
-section torch_compile 140 "$py" scripts/bench_torch_mobilenet.py --batch-size 256 --compile
-# 3. Inference: single-image latency and batched throughput of the built-in model.
-section predict 120 "$py" scripts/bench_predict.py --impls auto,conv --batches 1,32,256 \
-  --iters 50 --repeats 3 --seconds 1 --no-tflite
-# 4. All 1x1 layers as cuDNN convolutions (the GPU default before 2026-11-26).
-section train_conv 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
-  --set model.depthwise_impl=conv
-# 5. Fine-tuning the bundled ImageNet backbone keeps its BatchNorm frozen: that step's speed.
+# 3. Fine-tuning the bundled ImageNet backbone keeps its BatchNorm frozen: that step's speed.
 section train_frozen_bn 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
   --set model.freeze_backbone_batchnorm=true
-# 6. What the on-device augmentation costs.
+# 4. Inference: single-image latency and batched throughput of the built-in model.
+section predict 120 "$py" scripts/bench_predict.py --impls auto --batches 1,32,256 \
+  --iters 50 --repeats 3 --seconds 1 --no-tflite
+section torch_compile 140 "$py" scripts/bench_torch_mobilenet.py --batch-size 256 --compile
+# 5. What the on-device augmentation costs.
 section train_no_augment 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
   --set train.augment=false
+# 6. All 1x1 layers as cuDNN convolutions (the GPU default before 2026-11-26).
+section train_conv 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
+  --set model.depthwise_impl=conv
 
 echo "== summary"
 "$py" - "$out" <<'EOF'
@@ -112,5 +117,4 @@ for log in sorted(out.glob("*.log")):
             "input_images_per_sec", "warmup_seconds", "final_loss", "nonfinite_steps"]
     print(log.stem, {k: r[k] for k in keys if k in r})
 EOF
-[ -f "$out/predict.log" ] && tail -n 8 "$out/predict.log"
 echo "== total $(($(date +%s) - t_start)) s"
