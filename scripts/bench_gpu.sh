@@ -63,7 +63,7 @@ cat "$out/env.log"
 
 # 0. The gradient that came out non-finite on an H200 on 2026-11-26 (docs/BENCHMARKS.md): block
 #    0's 1x1 projection, bf16, batch 256, as a cuDNN convolution ("conv") and as a GEMM ("gemm").
-section grad_probe 60 "$py" - <<'EOF'
+section grad_probe 150 "$py" - <<'EOF'
 import jax, jax.numpy as jnp
 from har_flax.models.mobilenet_v2 import conv2d
 k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
