@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jax_core
 
-from har_flax.augment import AugmentConfig, augment
+from har_flax.augment import AugmentConfig, augment, resample_matrix
 
 NONE = AugmentConfig(min_area=1.0, max_aspect=1.0, flip=False, brightness=0, contrast=0,
                      saturation=0)  # fmt: skip
@@ -139,3 +140,50 @@ def test_saturation_keeps_each_pixels_luma():
     out = np.asarray(augment(batch, jax.random.key(0), _only(saturation=0.9)))
     np.testing.assert_allclose(out @ luma, batch @ luma, atol=0.1)
     assert np.abs(out - batch).max() > 10  # the colours did change
+
+
+@pytest.mark.parametrize(
+    "size, start, length",
+    [(48, 3.3, 40.1), (224, 17.7, 190.2), (64, 0.0, 64.0), (32, 0.0, 50.0), (32, -3.0, 40.0)],
+    ids=["crop", "crop-224", "whole", "shrink", "outside"],
+)
+def test_resample_matrix_is_jax_image_scale_and_translate(size, start, length):
+    # The crop is one matrix per axis; it must resample as jax.image does (linear, antialias),
+    # also when the span is longer than the axis or starts outside it.
+    img = np.random.default_rng(0).uniform(0, 255, (size, 5)).astype(np.float32)
+    scale = size / length
+    ref = jax.image.scale_and_translate(
+        img, img.shape, (0,), jnp.array([scale]), jnp.array([-start * scale]),
+        method="linear", antialias=True, precision=jax.lax.Precision.HIGHEST,
+    )  # fmt: skip
+    m = resample_matrix(size, jnp.float32(start), jnp.float32(length))
+    np.testing.assert_allclose(jnp.matmul(m, img, precision="highest"), ref, atol=1e-3)
+
+
+def _dot_operand_dtypes(fn, *args) -> list[tuple[str, ...]]:
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    eqns = list(jaxpr.eqns)
+    found = []
+    while eqns:  # the vmapped body and any nested jaxprs
+        e = eqns.pop()
+        if e.primitive.name == "dot_general":
+            found.append(tuple(str(v.aval.dtype) for v in e.invars))
+        for sub in jax_core.jaxprs_in_params(e.params):
+            eqns.extend(sub.eqns)
+    return sorted(found)
+
+
+def test_bfloat16_resamples_in_bfloat16_close_to_float32(frames):
+    key = jax.random.key(5)
+    full = np.asarray(augment(frames, key))
+    half = augment(frames, key, dtype=jnp.bfloat16)
+    assert half.dtype == jnp.bfloat16 and half.shape == frames.shape
+    err = np.abs(np.asarray(half, np.float32) - full)
+    assert err.max() <= 3.0 and err.mean() <= 0.6, (err.max(), err.mean())
+    # The crop's two products take bfloat16 operands (the tensor units); the luma stays float32.
+    assert _dot_operand_dtypes(lambda x, k: augment(x, k, dtype=jnp.bfloat16), frames, key) == [
+        ("bfloat16", "bfloat16"), ("bfloat16", "bfloat16"), ("float32", "float32"),
+    ]  # fmt: skip
+    assert (
+        _dot_operand_dtypes(lambda x, k: augment(x, k), frames, key) == [("float32", "float32")] * 3
+    )
