@@ -316,7 +316,10 @@ def _train_step(
     aug_key, dropout_key = jax.random.split(rng)
     images = batch["image"]  # (B, T, H, W, 3) uint8
     if config.train.augment:
-        images = augment(images, aug_key, augment_config)  # (B, T, H, W, 3) float32
+        # (B, T, H, W, 3) in the compute dtype: bfloat16 resamples on the tensor units. (The
+        # named scopes label the step's parts in a profile: har_flax/profiling.py.)
+        with jax.named_scope("augment"):
+            images = augment(images, aug_key, augment_config, jnp.dtype(config.model.dtype))
     targets = optax.smooth_labels(
         jax.nn.one_hot(batch["label"], config.model.num_classes), config.train.label_smoothing
     )  # (B, K)
@@ -360,33 +363,34 @@ def _train_step(
         "skipped": jnp.logical_not(finite),
         "step": state.step,
     }
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    if freeze_backbone:
-        # Frozen means unchanged, whatever the schedule says (weight decay included), and so is
-        # the backbone's AdamW state: stepping it on zero gradients would advance its count, and
-        # so use up Adam's bias correction, before stage 2 trains it. (XLA drops the unused
-        # backbone update.)
-        updates = {**updates, "backbone": jax.tree.map(jnp.zeros_like, updates["backbone"])}
-        frozen_state = _groups_state(state.opt_state).inner_states["backbone"]
-        opt_state = _with_group_state(opt_state, "backbone", frozen_state)
+    with jax.named_scope("optimizer"):
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        if freeze_backbone:
+            # Frozen means unchanged, whatever the schedule says (weight decay included), and so is
+            # the backbone's AdamW state: stepping it on zero gradients would advance its count, and
+            # so use up Adam's bias correction, before stage 2 trains it. (XLA drops the unused
+            # backbone update.)
+            updates = {**updates, "backbone": jax.tree.map(jnp.zeros_like, updates["backbone"])}
+            frozen_state = _groups_state(state.opt_state).inner_states["backbone"]
+            opt_state = _with_group_state(opt_state, "backbone", frozen_state)
 
-    def keep_if_bad(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        def keep_if_bad(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
-    def keep_if_bad_but_schedules(new, old):
-        # A skipped step keeps the moments (and Adam's count, their bias correction) but the
-        # schedules move on with the step, so the next step applies its own step's rate: the
-        # rate it logs, and the rate of a run that was not skipped.
-        return new if _is_schedule_state(new) else keep_if_bad(new, old)
+        def keep_if_bad_but_schedules(new, old):
+            # A skipped step keeps the moments (and Adam's count, their bias correction) but the
+            # schedules move on with the step, so the next step applies its own step's rate: the
+            # rate it logs, and the rate of a run that was not skipped.
+            return new if _is_schedule_state(new) else keep_if_bad(new, old)
 
-    state = state.replace(
-        step=state.step + 1,
-        params=keep_if_bad(optax.apply_updates(state.params, updates), state.params),
-        opt_state=jax.tree.map(
-            keep_if_bad_but_schedules, opt_state, state.opt_state, is_leaf=_is_schedule_state
-        ),
-        batch_stats=keep_if_bad(batch_stats, state.batch_stats),
-    )
+        state = state.replace(
+            step=state.step + 1,
+            params=keep_if_bad(optax.apply_updates(state.params, updates), state.params),
+            opt_state=jax.tree.map(
+                keep_if_bad_but_schedules, opt_state, state.opt_state, is_leaf=_is_schedule_state
+            ),
+            batch_stats=keep_if_bad(batch_stats, state.batch_stats),
+        )
     return state, metrics
 
 

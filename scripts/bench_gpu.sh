@@ -12,9 +12,11 @@
 #
 # Sections run in order of importance: the issue's figures first. BUDGET_S (default 540)
 # caps the whole run, so that it fits one 10-minute device call: a section starts only while
-# at least half its limit is left, and never runs past the budget. One lease (15 minutes,
-# the machine's start included) is one call:
-#   BUDGET_S=540 scripts/bench_gpu.sh /tmp/bench 2>&1 | tee "$OUT/run.log"
+# at least half its limit is left, and never runs past the budget. A lease (15 minutes, the
+# machine's start included) fits one full call, then a short one on the still-warm machine for
+# the sections the budget skipped (2026-11-27: 474 s, then 116 s, of 900):
+#   BUDGET_S=530 bash scripts/bench_gpu.sh /tmp/bench 2>&1 | tee "$OUT/run.log"
+#   SECTIONS="<the skipped ones>" BUDGET_S=270 bash scripts/bench_gpu.sh /tmp/bench2 2>&1 | tee "$OUT/run2.log"
 # Compiled programs are cached in /tmp/har-jax-cache, so a rerun on a warm machine skips them.
 #
 # The inference benchmark ports the bundled TFLite weights, which needs the pure-Python `tflite`
@@ -49,7 +51,7 @@ section() {  # section NAME LIMIT_S COMMAND...: runs COMMAND, its output to OUT_
   timeout --kill-after=10 "$limit" "$@" 2>&1 | grep -v "Delay kernel timed out" >"$out/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "== $name: rc=$rc in $(($(date +%s) - t0)) s (total $(($(date +%s) - t_start)) s)"
-  tail -n 60 "$out/$name.log"
+  tail -n 90 "$out/$name.log"
 }
 
 {
@@ -61,7 +63,24 @@ section() {  # section NAME LIMIT_S COMMAND...: runs COMMAND, its output to OUT_
 } >"$out/env.log" 2>&1
 cat "$out/env.log"
 
-# 0. The gradient that came out non-finite on an H200 on 2026-11-26 (docs/BENCHMARKS.md): block
+bt="scripts/bench_train.py --config default --batch-size 256 --set model.dtype=bfloat16"
+# 1. The issue's figure: the full CNN-LSTM train step (augmentation, BatchNorm in training mode,
+#    as when training from scratch; depthwise_impl auto = "gemm" on a GPU), one epoch of
+#    12,600 images through the input path, and that input path alone (input_images_per_sec:
+#    what this host can feed). "nonfinite_steps" must be 0.
+section train_default 200 "$py" $bt
+# 2. Where that step's time goes: a jax.profiler trace of 5 steps, per part (augmentation,
+#    backbone forward/backward, LSTM, head, optimiser) and per XLA op (its program comes from
+#    the compilation cache).
+section train_profile 120 "$py" $bt --epoch-images 2560 --steps 10 --repeats 1 \
+  --profile /tmp/har-profile --profile-steps 5
+# 3. The PyTorch reference in the same lease.
+section torch_eager 80 "$py" scripts/bench_torch_mobilenet.py --batch-size 256
+# 4. The 3x3 depthwise layers as nine shifted multiply-adds fused with BatchNorm and ReLU6
+#    (the CPU's form), never measured on a GPU.
+section train_shift 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
+  --set model.depthwise_impl=shift
+# 5. The gradient that came out non-finite on an H200 on 2026-11-26 (docs/BENCHMARKS.md): block
 #    0's 1x1 projection, bf16, batch 256, as a cuDNN convolution ("conv") and as a GEMM ("gemm").
 section grad_probe 150 "$py" - <<'EOF'
 import jax, jax.numpy as jnp
@@ -79,25 +98,17 @@ for impl in ("conv", "gemm"):
     err = float(jnp.linalg.norm(dw - ref) / jnp.linalg.norm(ref))
     print(f"{impl}: non-finite {int(jnp.sum(~jnp.isfinite(dw)))}/{dw.size}, rel. error {err:.2e}")
 EOF
-bt="scripts/bench_train.py --config default --batch-size 256 --set model.dtype=bfloat16"
-# 1. The issue's figure: the full CNN-LSTM train step (augmentation, BatchNorm in training mode,
-#    as when training from scratch; depthwise_impl auto = "gemm" on a GPU), one epoch of
-#    12,600 images through the input path, and that input path alone (input_images_per_sec:
-#    what this host can feed). "nonfinite_steps" must be 0.
-section train_default 200 "$py" $bt
-# 2. The PyTorch reference in the same lease.
-section torch_eager 80 "$py" scripts/bench_torch_mobilenet.py --batch-size 256
-# 3. Fine-tuning the bundled ImageNet backbone keeps its BatchNorm frozen: that step's speed.
+# 6. Fine-tuning the bundled ImageNet backbone keeps its BatchNorm frozen: that step's speed.
 section train_frozen_bn 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
   --set model.freeze_backbone_batchnorm=true
-# 4. Inference: single-image latency and batched throughput of the built-in model.
+# 7. Inference: single-image latency and batched throughput of the built-in model.
 section predict 120 "$py" scripts/bench_predict.py --impls auto --batches 1,32,256 \
   --iters 50 --repeats 3 --seconds 1 --no-tflite
 section torch_compile 140 "$py" scripts/bench_torch_mobilenet.py --batch-size 256 --compile
-# 5. What the on-device augmentation costs.
+# 8. What the on-device augmentation costs.
 section train_no_augment 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
   --set train.augment=false
-# 6. All 1x1 layers as cuDNN convolutions (the GPU default before 2026-11-26).
+# 9. All 1x1 layers as cuDNN convolutions (the GPU default before 2026-11-26).
 section train_conv 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
   --set model.depthwise_impl=conv
 
@@ -114,7 +125,8 @@ for log in sorted(out.glob("*.log")):
         continue
     keys = ["device", "depthwise_impl", "step_ms", "step_ms_each_repeat",
             "train_step_images_per_sec", "epoch_seconds", "epoch_images_per_sec",
-            "input_images_per_sec", "warmup_seconds", "final_loss", "nonfinite_steps"]
+            "input_images_per_sec", "warmup_seconds", "final_loss", "nonfinite_steps",
+            "profile_ms_per_step"]
     print(log.stem, {k: r[k] for k in keys if k in r})
 EOF
 echo "== total $(($(date +%s) - t_start)) s"

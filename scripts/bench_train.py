@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--input-only", action="store_true", help="time only the input path (no model)"
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="after the timings, trace --profile-steps steps into DIR (jax.profiler) and print "
+        "where the step's time goes, per part and per XLA op, to stderr",
+    )
+    parser.add_argument("--profile-steps", type=int, default=5)
     return parser
 
 
@@ -166,8 +174,32 @@ def main(argv: list[str] | None = None) -> int:
         # Non-zero means the numbers are not a valid training run (see docs/BENCHMARKS.md).
         "nonfinite_steps": int(np.sum(jax.device_get(skipped))),
     }
+    if args.profile:
+        try:
+            result["profile_ms_per_step"] = _profile(args, step, state, batch, key)
+        except Exception as e:  # The timings above stand without it.
+            print(f"profile failed: {type(e).__name__}: {e}", file=sys.stderr)
+            result["profile_ms_per_step"] = {"error": f"{type(e).__name__}: {e}"}
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _profile(args, step, state, batch, key) -> dict[str, float]:
+    """Traces a few steps, prints the per-part and per-op table, returns ms per step by part."""
+    import jax
+
+    from har_flax import profiling
+
+    # The compiled program's HLO names each op's source; this compile comes from the cache.
+    hlo = step.lower(state, batch, key).compile().as_text()
+    module = hlo.split(None, 2)[1].rstrip(",")  # "HloModule jit__train_step, ..."
+    with jax.profiler.trace(str(args.profile)):
+        for _ in range(args.profile_steps):
+            state, metrics = step(state, batch, key)
+        jax.block_until_ready(metrics)
+    prof = profiling.summarize(args.profile, hlo, module, args.profile_steps)
+    print(prof.table(), file=sys.stderr)
+    return {part: round(ms, 3) for part, ms in prof.parts.items()}
 
 
 if __name__ == "__main__":

@@ -13,27 +13,42 @@ from har_flax.data.synthetic import write_synthetic_kaggle
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*args: str) -> dict:
+def _run(*args: str, env: dict | None = None, stderr: list | None = None) -> dict:
     out = subprocess.run(
         [sys.executable, "scripts/bench_train.py", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, **(env or {})},
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    if stderr is not None:
+        stderr.append(out.stderr)
     return json.loads(out.stdout[out.stdout.index("{") :])
 
 
-def test_step_epoch_and_input_path_on_memory():
+def test_step_epoch_input_path_and_profile_on_memory(tmp_path):
+    # The profile's second compile of the step comes from the compilation cache.
+    err = []
     r = _run("--config", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
-             "--repeats", "1", "--epoch-images", "24")  # fmt: skip
+             "--repeats", "1", "--epoch-images", "24", "--profile", str(tmp_path / "trace"),
+             "--profile-steps", "2",
+             env={"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}, stderr=err)  # fmt: skip
     assert r["device"] and r["source"] == "memory" and r["epoch_images"] == 24
     assert r["batch_size"] == 8 and len(r["step_ms_each_repeat"]) == 1
     assert r["train_step_images_per_sec"] > 0 and r["epoch_seconds"] > 0
     assert r["input_images_per_sec"] > 0
     # 1 warm-up, 2 timed and 3 epoch steps, none skipped.
     assert r["nonfinite_steps"] == 0 and math.isfinite(r["final_loss"])
+    # Where the step's time went, by part of the step: every part of the model, the on-device
+    # augmentation and the optimiser were found in the trace and attributed.
+    parts = r["profile_ms_per_step"]
+    for part in ("backbone forward", "backbone backward", "lstm forward", "lstm backward",
+                 "head forward", "head backward", "augment", "optimizer"):  # fmt: skip
+        assert parts.get(part, 0) > 0, (part, parts)
+    assert parts["backbone backward"] + parts["backbone forward"] > 0.5 * sum(parts.values())
+    assert "| part | ms per step | share |" in err[0] and "block_1_depthwise" in err[0]
 
 
 def test_input_only_on_prepared_data(tmp_path):
@@ -45,3 +60,31 @@ def test_input_only_on_prepared_data(tmp_path):
     assert "train_step_images_per_sec" not in r  # no model was built
     # The split it read is the run's stratified training split: 3 classes x 8, 20% held out.
     assert r["epoch_images"] == 16
+
+
+def test_profile_attributes_ops_by_their_source():
+    from har_flax.profiling import op_sources, part_of
+
+    hlo = """HloModule jit__train_step, entry_computation_layout={()->()}
+  %fusion.3 = bf16[8]{0} fusion(%p), kind=kLoop, calls=%fc.3, metadata={op_name="jit(_train_step)/transpose(jvp(CNNLSTM))/vmap(backbone)/block_1_depthwise/mul" source_file="m.py"}
+  ROOT %dot.2 = f32[8]{0} dot(%a, %b), metadata={op_name="jit(_train_step)/augment/vmap()/dot_general"}
+  %add.1 = f32[] add(%x, %y)
+"""  # noqa: E501
+    assert op_sources(hlo) == {
+        "fusion.3": "jit(_train_step)/transpose(jvp(CNNLSTM))/vmap(backbone)/block_1_depthwise/mul",
+        "dot.2": "jit(_train_step)/augment/vmap()/dot_general",
+    }
+    cases = {
+        "jit(_train_step)/transpose(jvp(CNNLSTM))/vmap(backbone)/block_1_depthwise/mul":
+            "backbone backward",
+        "jit(_train_step)/jvp(CNNLSTM)/vmap(backbone)/Conv_1/conv": "backbone forward",
+        "jit(_train_step)/jvp(CNNLSTM)/lstm/cell/dot_general": "lstm forward",
+        "jit(_train_step)/transpose(jvp(CNNLSTM))/lstm/while/body/add": "lstm backward",
+        "jit(_train_step)/jvp(CNNLSTM)/dense_0/dot_general": "head forward",
+        "jit(_train_step)/transpose(jvp(CNNLSTM))/logits/dot_general": "head backward",
+        "jit(_train_step)/augment/vmap()/dot_general": "augment",
+        "jit(_train_step)/optimizer/jit(_where)/select_n": "optimizer",
+        "jit(_train_step)/square": "other",
+        "": "other",
+    }  # fmt: skip
+    assert {source: part_of(source) for source in cases} == cases

@@ -1,0 +1,122 @@
+"""Where a compiled program's time goes: a jax.profiler trace summed per XLA op and per part.
+
+Used by `scripts/bench_train.py --profile DIR` to show which part of the train step (the
+augmentation, the backbone's forward or backward pass, the LSTM, the head, the optimiser) a
+GPU spends its time on. Each op is attributed through the compiled HLO's `op_name` metadata,
+the JAX source path of the op, which holds the Flax module names and the step's named scopes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from pathlib import Path
+
+# `%name = ... metadata={op_name="jit(step)/jvp(Model)/backbone/..." ...}` in HLO text.
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?op_name="([^"]*)"', re.MULTILINE)
+
+# The parts of a train step, by what its op path contains, first match wins.
+_SCOPED = (("/augment", "augment"), ("/optimizer", "optimizer"))
+_MODULES = (("backbone", "backbone"), ("/lstm", "lstm"))
+
+
+def op_sources(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> its op_name (the JAX source path), from compiled HLO text."""
+    return {name: source for name, source in _INSTRUCTION.findall(hlo_text)}
+
+
+def part_of(source: str) -> str:
+    """The part of a train step that an op with this op_name belongs to."""
+    for key, part in _SCOPED:
+        if key in source:
+            return part
+    if "jvp(" not in source:
+        return "other"  # the loss, the gradient's norm, the step's bookkeeping
+    direction = "backward" if "transpose(jvp(" in source else "forward"
+    for key, part in _MODULES:
+        if key in source:
+            return f"{part} {direction}"
+    return f"head {direction}"  # the dense layers, their BatchNorm and dropout, the logits
+
+
+@dataclasses.dataclass(frozen=True)
+class OpTime:
+    name: str  # the HLO instruction (or, unattributed, the kernel's name)
+    part: str
+    source: str
+    ms_per_step: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    plane: str  # the trace's plane the events came from ("/device:GPU:0", "/host:CPU")
+    ms_per_step: float  # the events' summed duration per step
+    parts: dict[str, float]  # part -> ms per step, largest first
+    ops: list[OpTime]  # largest first
+    unattributed_events: int  # events without an hlo_op (kernel names only)
+
+    def table(self, top: int = 25) -> str:
+        """Markdown: the parts, then the `top` most expensive ops."""
+        lines = [
+            f"Profile ({self.plane}): {self.ms_per_step:.3f} ms of op time per step",
+            "",
+            "| part | ms per step | share |",
+            "| --- | ---: | ---: |",
+        ]
+        for part, ms in self.parts.items():
+            lines.append(f"| {part} | {ms:.3f} | {100 * ms / self.ms_per_step:.1f}% |")
+        lines += ["", "| op | part | ms per step | source |", "| --- | --- | ---: | --- |"]
+        for op in self.ops[:top]:
+            source = op.source if len(op.source) <= 110 else "..." + op.source[-107:]
+            lines.append(f"| {op.name} | {op.part} | {op.ms_per_step:.3f} | {source} |")
+        if self.unattributed_events:
+            lines.append(f"\n{self.unattributed_events} events had no hlo_op (kernel names shown).")
+        return "\n".join(lines)
+
+
+def summarize(trace_dir: Path, hlo_text: str, module: str, steps: int) -> Profile:
+    """Sums the events of `module` (the jitted function's HLO module name, e.g. "jit__train_step")
+    in the newest trace under `trace_dir`, per op and per part, divided by `steps`.
+
+    Device planes (a GPU's kernels) are used when the trace has any, else the host's CPU plane
+    (XLA:CPU's thunks).
+    """
+    from jax.profiler import ProfileData
+
+    files = sorted(Path(trace_dir).rglob("*.xplane.pb"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"no *.xplane.pb trace under {trace_dir}")
+    data = ProfileData.from_file(str(files[-1]))
+    planes = [p for p in data.planes if p.name.startswith("/device:")]
+    planes = planes or [p for p in data.planes if p.name == "/host:CPU"]
+    sources = op_sources(hlo_text)
+    per_op: dict[str, float] = collections.defaultdict(float)
+    unattributed = 0
+    for plane in planes:
+        for line in plane.lines:
+            for event in line.events:
+                stats = dict(event.stats)
+                hlo_op, hlo_module = stats.get("hlo_op"), str(stats.get("hlo_module", ""))
+                if hlo_op is None:
+                    if plane.name.startswith("/device:") and event.duration_ns > 0:
+                        unattributed += 1
+                        per_op[event.name] += event.duration_ns
+                    continue
+                if hlo_module == module:
+                    per_op[str(hlo_op)] += event.duration_ns
+    ops = [
+        OpTime(name, part_of(sources.get(name, "")), sources.get(name, ""), ns / 1e6 / steps)
+        for name, ns in per_op.items()
+    ]
+    ops.sort(key=lambda o: -o.ms_per_step)
+    parts: dict[str, float] = collections.defaultdict(float)
+    for op in ops:
+        parts[op.part] += op.ms_per_step
+    return Profile(
+        plane=", ".join(p.name for p in planes),
+        ms_per_step=sum(parts.values()),
+        parts=dict(sorted(parts.items(), key=lambda kv: -kv[1])),
+        ops=ops,
+        unattributed_events=unattributed,
+    )
