@@ -53,11 +53,13 @@ def augment(
       rng: a PRNG key; the same key gives the same result.
       config: the ranges.
       dtype: the dtype of the result and of the crop's resampling, the model's compute dtype.
-        float32 resamples at full float32 precision; bfloat16 runs the resampling's two matrix
-        products on bfloat16 tensor units (on a GPU, float32 products at full precision took
-        most of the augmentation's 2 ms per step of 256 images), rounding the weights and
-        the pixels to bfloat16 on the way: about 0.3 of 255 from the float32 result on
-        average, at most about 2 (the model's bfloat16 input is itself rounded by up to 0.5).
+        float32 resamples with `jax.image.scale_and_translate` at full float32 precision, as
+        before this option existed. bfloat16 runs the same resampling as two matrix products
+        (`resample_matrix`) on bfloat16 tensor units: on a GPU, the float32 products at full
+        precision took most of the augmentation's 2 ms per step of 256 images. It rounds the
+        weights and the pixels to bfloat16 on the way: about 0.3 of 255 from the float32
+        result on average, at most about 2 (the model's bfloat16 input is itself rounded by up
+        to 0.5).
 
     Returns:
       (B, T, H, W, C) of `dtype` in [0, 255]; kept as float so the crop's interpolation is not
@@ -85,14 +87,30 @@ def _augment_one(
     crop_w = jnp.clip(jnp.sqrt(area * aspect), 0.0, 1.0) * w
     top = jax.random.uniform(k_y, ()) * (h - crop_h)
     left = jax.random.uniform(k_x, ()) * (w - crop_w)
-    rows = resample_matrix(h, top, crop_h)  # (H out, H in)
-    cols = resample_matrix(w, left, crop_w)  # (W out, W in)
-    if config.flip:  # Mirroring the output is reversing the column matrix's rows: no pass.
-        cols = jnp.where(jax.random.bernoulli(k_flip), cols[::-1], cols)
-    # Two matrix products, rows then columns; float32 ones at full precision.
-    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-    x = jnp.einsum("oh,thwc->towc", rows.astype(dtype), x.astype(dtype), precision=precision)
-    x = jnp.einsum("pw,towc->topc", cols.astype(dtype), x, precision=precision)
+    if dtype == jnp.float32:
+        # Float32 (a CPU's training): jax.image's own resampling, then the flip.
+        scale = jnp.stack([h / crop_h, w / crop_w])
+        x = jax.image.scale_and_translate(
+            x.astype(jnp.float32),
+            x.shape,
+            spatial_dims=(1, 2),
+            scale=scale,
+            translation=-jnp.stack([top, left]) * scale,
+            method="linear",
+            antialias=True,
+        )  # (T, H, W, C)
+        if config.flip:
+            x = jnp.where(jax.random.bernoulli(k_flip), x[:, :, ::-1, :], x)
+    else:
+        # Reduced precision (a GPU's or TPU's training): the same resampling as two matrix
+        # products on the tensor units, with the flip folded into the column matrix (a
+        # mirrored output is that matrix's rows reversed), so no pass over the images.
+        rows = resample_matrix(h, top, crop_h).astype(dtype)  # (H out, H in)
+        cols = resample_matrix(w, left, crop_w).astype(dtype)  # (W out, W in)
+        if config.flip:
+            cols = jnp.where(jax.random.bernoulli(k_flip), cols[::-1], cols)
+        x = jnp.einsum("oh,thwc->towc", rows, x.astype(dtype))
+        x = jnp.einsum("pw,towc->topc", cols, x)
 
     # Colour jitter in float32 whatever `dtype` is (XLA fuses it into the passes over x).
     x = x.astype(jnp.float32)
