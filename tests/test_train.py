@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -765,6 +766,7 @@ def test_har_train_stops_cleanly_on_ctrl_c_and_lists_skipped_images(tmp_path):
 def test_a_ctrl_c_that_python_drops_still_stops_har_train(monkeypatch):
     # Python drops an exception raised in a __del__ or a gc callback (JAX runs one at every
     # collection): a KeyboardInterrupt raised there by Ctrl-C vanished, and the run went on.
+    # Nor is Python's report of it (a traceback on stderr) passed on: it is no error.
     from har_flax.cli.train import _Interrupts
 
     dropped = []
@@ -779,10 +781,15 @@ def test_a_ctrl_c_that_python_drops_still_stops_har_train(monkeypatch):
     before = signal.getsignal(signal.SIGINT)
     with _Interrupts() as interrupts:
         Collected()  # freed at once
-        assert dropped == [KeyboardInterrupt]
+        assert interrupts.seen and dropped == []  # dropped, and not reported
         with pytest.raises(KeyboardInterrupt):
             interrupts.check()
-    assert signal.getsignal(signal.SIGINT) is before
+        # Anything else dropped is reported as before.
+        sys.unraisablehook(types.SimpleNamespace(exc_type=ValueError))
+        assert dropped == [ValueError]
+    assert signal.getsignal(signal.SIGINT) is before and sys.unraisablehook is not None
+    sys.unraisablehook(types.SimpleNamespace(exc_type=KeyboardInterrupt))  # restored: reported
+    assert dropped == [ValueError, KeyboardInterrupt]
 
 
 class _SignalOnLen(_SignalAt):

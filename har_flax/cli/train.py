@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from har_flax.cli import out_dir_problem, print_skipped
 
@@ -115,21 +116,29 @@ class _Interrupts:
 
     Remembered because Python drops an exception raised in a garbage-collector callback or a
     ``__del__`` ("Exception ignored in ..."), and JAX runs one at every collection: such a
-    Ctrl-C was lost and the run went on to the end. :meth:`check` raises it again.
+    Ctrl-C was lost and the run went on to the end. :meth:`check` raises it again. Python's
+    report of the dropped interrupt (a traceback on stderr) is left out: it is no error.
     """
 
     def __init__(self) -> None:
         self.seen = False
         self._previous = None
+        self._previous_hook = None
 
     def __enter__(self) -> _Interrupts:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+            sys.unraisablehook = self._previous_hook
+
+    def _unraisable(self, unraisable: Any) -> None:
+        if not (self.seen and unraisable.exc_type is KeyboardInterrupt):
+            self._previous_hook(unraisable)
 
     def _handler(self, signum: int, frame: object) -> None:
         self.seen = True
