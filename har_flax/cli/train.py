@@ -122,6 +122,7 @@ class _Interrupts:
 
     def __init__(self) -> None:
         self.seen = False
+        self._installed = False
         self._previous = None
         self._previous_hook = None
 
@@ -129,12 +130,15 @@ class _Interrupts:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handler)
             self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+            self._installed = True
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        if self._installed:
+            if self._previous is not None:  # None: not set from Python, so not restorable
+                signal.signal(signal.SIGINT, self._previous)
             sys.unraisablehook = self._previous_hook
+            self._installed = False
 
     def _unraisable(self, unraisable: Any) -> None:
         if not (self.seen and unraisable.exc_type is KeyboardInterrupt):
