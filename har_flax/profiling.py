@@ -16,6 +16,9 @@ from pathlib import Path
 # `%name = ... metadata={op_name="jit(step)/jvp(Model)/backbone/..." ...}` in HLO text.
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?op_name="([^"]*)"', re.MULTILINE)
 
+# Ops whose events enclose their bodies' events on XLA:CPU (counted through the body instead).
+_CONTROL_FLOW = re.compile(r"^(?:while|conditional|call)(?:\.\d+)?$")
+
 # The parts of a train step, by what its op path contains, first match wins.
 _SCOPED = (("/augment", "augment"), ("/optimizer", "optimizer"))
 _MODULES = (("backbone", "backbone"), ("/lstm", "lstm"))
@@ -93,6 +96,7 @@ def summarize(trace_dir: Path, hlo_text: str, module: str, steps: int) -> Profil
     sources = op_sources(hlo_text)
     per_op: dict[str, float] = collections.defaultdict(float)
     unattributed = 0
+    modules_seen: set[str] = set()
     for plane in planes:
         for line in plane.lines:
             for event in line.events:
@@ -103,8 +107,14 @@ def summarize(trace_dir: Path, hlo_text: str, module: str, steps: int) -> Profil
                         unattributed += 1
                         per_op[event.name] += event.duration_ns
                     continue
-                if hlo_module == module:
+                if hlo_module == module and not _CONTROL_FLOW.match(str(hlo_op)):
                     per_op[str(hlo_op)] += event.duration_ns
+                modules_seen.add(hlo_module)
+    if not per_op:
+        raise ValueError(
+            f"the trace in {trace_dir} has no events of {module} on {[p.name for p in planes]} "
+            f"(modules seen: {sorted(modules_seen)})"
+        )
     ops = [
         OpTime(name, part_of(sources.get(name, "")), sources.get(name, ""), ns / 1e6 / steps)
         for name, ns in per_op.items()

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="after the timings, trace --profile-steps steps into DIR (jax.profiler) and print "
         "where the step's time goes, per part and per XLA op, to stderr",
     )
-    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--profile-steps", type=int, default=5, help="steps traced (>= 1)")
     return parser
 
 
@@ -69,7 +69,10 @@ class _Memory:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.profile_steps < 1:
+        parser.error(f"--profile-steps must be at least 1, got {args.profile_steps}")
     import jax
     import numpy as np
 
@@ -174,13 +177,15 @@ def main(argv: list[str] | None = None) -> int:
         # Non-zero means the numbers are not a valid training run (see docs/BENCHMARKS.md).
         "nonfinite_steps": int(np.sum(jax.device_get(skipped))),
     }
+    # The timings first: a profile that crashes or runs out of time cannot lose them.
+    print(json.dumps(result, indent=2), flush=True)
     if args.profile:
         try:
-            result["profile_ms_per_step"] = _profile(args, step, state, batch, key)
+            parts = _profile(args, step, state, batch, key)
         except Exception as e:  # The timings above stand without it.
             print(f"profile failed: {type(e).__name__}: {e}", file=sys.stderr)
-            result["profile_ms_per_step"] = {"error": f"{type(e).__name__}: {e}"}
-    print(json.dumps(result, indent=2))
+            return 1
+        print("profile_ms_per_step " + json.dumps(parts), file=sys.stderr)
     return 0
 
 
@@ -190,12 +195,14 @@ def _profile(args, step, state, batch, key) -> dict[str, float]:
 
     from har_flax import profiling
 
-    # The compiled program's HLO names each op's source; this compile comes from the cache.
-    hlo = step.lower(state, batch, key).compile().as_text()
+    # Traced: the very program whose HLO names each op's source (compiled ahead of time, from
+    # the compilation cache when there is one).
+    compiled = step.lower(state, batch, key).compile()
+    hlo = compiled.as_text()
     module = hlo.split(None, 2)[1].rstrip(",")  # "HloModule jit__train_step, ..."
     with jax.profiler.trace(str(args.profile)):
         for _ in range(args.profile_steps):
-            state, metrics = step(state, batch, key)
+            state, metrics = compiled(state, batch, key)
         jax.block_until_ready(metrics)
     prof = profiling.summarize(args.profile, hlo, module, args.profile_steps)
     print(prof.table(), file=sys.stderr)
