@@ -173,3 +173,62 @@ def test_two_processes_save_best_and_latest_in_the_background(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["best", "latest"]
     assert os.listdir(tmp_path / "checkpoints" / "latest") == [str(saves)]
     assert os.listdir(tmp_path / "checkpoints" / "best") == [str(last_best)]
+
+
+def test_a_process_that_fails_alone_lets_the_others_stop(data_dir, tmp_path):
+    # Process 0 fails on its own at the end of an epoch (its metrics file has become a
+    # directory: a disk fault on one host). It used to wait in jax.distributed's shutdown
+    # barrier while process 1 waited in its next collective: both hung for the barrier's
+    # 5 minutes, then aborted. Now process 0 exits with its error and status 1 once no other
+    # process has failed with it (a 10 s barrier), and JAX stops process 1 at once.
+    shared = tmp_path / "w"
+    command = [HAR_TRAIN, "--data-dir", str(data_dir), "--workdir", str(shared), *SETTINGS,
+               "--set", "train.epochs=40", "--set", "train.early_stopping_patience=40"]  # fmt: skip
+    address = f"127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            command,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(
+                2,
+                JAX_COORDINATOR_ADDRESS=address,
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+                PYTHONUNBUFFERED="1",
+            ),
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        head = ""
+        for line in procs[0].stdout:
+            head += line
+            if re.match(r"epoch 1/40: ", line):
+                (shared / "metrics.jsonl").unlink()
+                (shared / "metrics.jsonl").mkdir()
+                break
+        # Minutes before this change; seconds now (each waits up to 120 s here).
+        out0 = head + procs[0].communicate(timeout=120)[0]
+        out1 = procs[1].communicate(timeout=120)[0]
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == 1, out0[-3000:]
+    assert "har-train: error: [Errno 21] Is a directory" in out0
+    assert "process 0 failed alone; exiting without waiting" in out0
+    assert procs[1].returncode != 0 and "another task died" in out1, out1[-3000:]
+
+
+def test_processes_that_fail_together_exit_as_usual(tmp_path):
+    # Bad data stops every process with the same error (sharding.process_zero_first): they meet
+    # at the failed processes' barrier and exit as usual, each with status 1 and its message.
+    data = write_synthetic_kaggle(tmp_path / "data", train_per_class=6, test_count=2, seed=4)
+    (data / "train" / "Image_2.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    command = [HAR_TRAIN, "--data-dir", str(data), "--workdir", str(tmp_path / "w"), *SETTINGS]
+    outs = _two_processes(command, f"127.0.0.1:{free_port()}", timeout=120, returncode=1)
+    for _, err in outs:
+        assert "train/Image_2.jpg is unreadable" in err, err
+        assert "all 2 processes of the run failed" in err and "failed alone" not in err, err

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     # from fit on, it saves a checkpoint and stops at the next step instead.
     try:
         with _Interrupts() as interrupts:
-            return _train(parser, args, interrupts)
+            code = _train(parser, args, interrupts)
     except KeyboardInterrupt:
         print(
             "har-train: interrupted; the same command goes on from the latest checkpoint, if "
@@ -109,6 +111,63 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except Exception:
+        if _failed_alone():
+            traceback.print_exc()
+            _exit_now(1)
+        raise
+    if code == 1 and _failed_alone():
+        _exit_now(1)
+    return code
+
+
+# How long a failed process of a multi-process run waits for the others to fail too.
+FAILED_TOGETHER_TIMEOUT_S = 10
+
+
+def _failed_alone() -> bool:
+    """In a multi-process (multi-host) run that failed: whether the other processes did not.
+
+    Waits up to FAILED_TOGETHER_TIMEOUT_S at a barrier that only failed processes reach. When
+    every process fails (bad data or settings, a diverged loss: the same on each), all meet
+    there and exit as usual. When one fails alone (a disk error on one host, a bug), the others
+    are waiting in their next collective and never come.
+    """
+    jax = sys.modules.get("jax")
+    if jax is None or jax.process_count() == 1:
+        return False
+    from orbax.checkpoint import multihost  # noqa: PLC0415
+
+    try:
+        multihost.sync_global_processes(
+            "har-train-failed",
+            timeout=FAILED_TOGETHER_TIMEOUT_S,
+            processes=set(range(jax.process_count())),
+        )
+    except Exception:  # the barrier timed out (or the coordination service is gone)
+        return True
+    print(f"har-train: all {jax.process_count()} processes of the run failed", file=sys.stderr)
+    return False
+
+
+def _exit_now(code: int) -> None:
+    """Exits at once, without the distributed shutdown's barrier.
+
+    A process that failed alone waited in `jax.distributed.shutdown`'s barrier at exit, and the
+    others in their next collective: all hung for the barrier's 5-minute timeout, then
+    aborted. Gone at once, it lets JAX's coordination service stop the others: at once when
+    this is process 0 (the service's host), else once its heartbeats are missed (about 80 s
+    on a CPU).
+    """
+    print(
+        f"har-train: process {sys.modules['jax'].process_index()} failed alone; exiting "
+        "without waiting for the run's other processes (JAX stops them)",
+        file=sys.stderr,
+    )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class _Interrupts:
