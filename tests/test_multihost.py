@@ -50,6 +50,27 @@ def data_dir(tmp_path_factory):
     )
 
 
+def _start_two(command: list[str], address: str, stderr: int) -> list[subprocess.Popen]:
+    """Starts ``command`` as processes 0 and 1 of one distributed run, 2 CPU devices each."""
+    return [
+        subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=_env(
+                2,
+                JAX_COORDINATOR_ADDRESS=address,
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+                PYTHONUNBUFFERED="1",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
 def _two_processes(
     command: list[str],
     address: str,
@@ -65,23 +86,7 @@ def _two_processes(
         (on stderr) holding this: a preemption notice that reaches one host first.
       returncode: what both processes must exit with.
     """
-    procs = [
-        subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=_env(
-                2,
-                JAX_COORDINATOR_ADDRESS=address,
-                JAX_NUM_PROCESSES="2",
-                JAX_PROCESS_ID=str(i),
-                PYTHONUNBUFFERED="1",
-            ),  # fmt: skip
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = _start_two(command, address, stderr=subprocess.PIPE)
     try:
         head = ""
         if term_process_1_after is not None:
@@ -185,23 +190,7 @@ def test_a_process_that_fails_alone_lets_the_others_stop(data_dir, tmp_path):
     command = [HAR_TRAIN, "--data-dir", str(data_dir), "--workdir", str(shared), *SETTINGS,
                "--set", "train.epochs=40", "--set", "train.early_stopping_patience=40"]  # fmt: skip
     address = f"127.0.0.1:{free_port()}"
-    procs = [
-        subprocess.Popen(
-            command,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=_env(
-                2,
-                JAX_COORDINATOR_ADDRESS=address,
-                JAX_NUM_PROCESSES="2",
-                JAX_PROCESS_ID=str(i),
-                PYTHONUNBUFFERED="1",
-            ),
-        )  # fmt: skip
-        for i in range(2)
-    ]
+    procs = _start_two(command, address, stderr=subprocess.STDOUT)
     try:
         head = ""
         for line in procs[0].stdout:
