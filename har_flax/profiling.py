@@ -54,10 +54,14 @@ class OpTime:
 @dataclasses.dataclass(frozen=True)
 class Profile:
     plane: str  # the trace's plane the events came from ("/device:GPU:0", "/host:CPU")
-    ms_per_step: float  # the events' summed duration per step
     parts: dict[str, float]  # part -> ms per step, largest first
     ops: list[OpTime]  # largest first
     unattributed_events: int  # events without an hlo_op (kernel names only)
+
+    @property
+    def ms_per_step(self) -> float:
+        """The events' summed duration per step."""
+        return sum(self.parts.values())
 
     def table(self, top: int = 25) -> str:
         """Markdown: the parts, then the `top` most expensive ops."""
@@ -125,7 +129,6 @@ def summarize(trace_dir: Path, hlo_text: str, module: str, steps: int) -> Profil
         parts[op.part] += op.ms_per_step
     return Profile(
         plane=", ".join(p.name for p in planes),
-        ms_per_step=sum(parts.values()),
         parts=dict(sorted(parts.items(), key=lambda kv: -kv[1])),
         ops=ops,
         unattributed_events=unattributed,

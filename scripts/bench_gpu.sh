@@ -8,15 +8,18 @@
 # (har_flax is used from the source tree; nothing is installed). Each benchmark is a separate
 # process with its own time limit, so one failure or timeout does not lose the others; each
 # writes its JSON/log to OUT_DIR and to standard output (a device call brings back only 8
-# files: `... | tee "$OUT/run.log"` keeps everything in one), and a summary table is printed last.
+# files: `... | tee "$OUT/run.log"` keeps everything in one), and a summary table is printed
+# last.
 #
 # Sections run in order of importance: the figures first. BUDGET_S (default 540)
 # caps the whole run, so that it fits one 10-minute device call: a section starts only while
-# at least two thirds of its limit are left, and never runs past the budget. A lease (15 minutes, the
-# machine's start included) fits one full call, then a short one on the still-warm machine for
-# the sections the budget skipped (2026-11-27: 474 s, 116 s and 62 s, of 900):
+# at least two thirds of its limit are left, and never runs past the budget. A lease (15
+# minutes, the machine's start included) fits one full call, then a short one on the
+# still-warm machine for the sections the budget skipped (2026-11-27: 474 s, 116 s and 62 s,
+# of 900):
 #   BUDGET_S=530 bash scripts/bench_gpu.sh /tmp/bench 2>&1 | tee "$OUT/run.log"
-#   SECTIONS="<the skipped ones>" BUDGET_S=270 bash scripts/bench_gpu.sh /tmp/bench2 2>&1 | tee "$OUT/run2.log"
+#   SECTIONS="<the skipped ones>" BUDGET_S=270 bash scripts/bench_gpu.sh /tmp/bench2 \
+#     2>&1 | tee "$OUT/run2.log"
 # Compiled programs are cached in /tmp/har-jax-cache, so a rerun on a warm machine skips them.
 #
 # The inference benchmark ports the bundled TFLite weights, which needs the pure-Python `tflite`

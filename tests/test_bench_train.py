@@ -13,7 +13,8 @@ from har_flax.data.synthetic import write_synthetic_kaggle
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*args: str, env: dict | None = None, stderr: list | None = None) -> dict:
+def _run_with_stderr(*args: str, env: dict | None = None) -> tuple[dict, str]:
+    """Runs bench_train.py; returns its JSON result and its stderr."""
     out = subprocess.run(
         [sys.executable, "scripts/bench_train.py", *args],
         cwd=REPO,
@@ -23,18 +24,20 @@ def _run(*args: str, env: dict | None = None, stderr: list | None = None) -> dic
         env={**os.environ, **(env or {})},
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    if stderr is not None:
-        stderr.append(out.stderr)
-    return json.loads(out.stdout[out.stdout.index("{") :])
+    return json.loads(out.stdout[out.stdout.index("{") :]), out.stderr
+
+
+def _run(*args: str) -> dict:
+    return _run_with_stderr(*args)[0]
 
 
 def test_step_epoch_input_path_and_profile_on_memory(tmp_path):
     # (A compilation cache, so that the profile's ahead-of-time compile can reuse the step's.)
-    err = []
-    r = _run("--config", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
-             "--repeats", "1", "--epoch-images", "24", "--profile", str(tmp_path / "trace"),
-             "--profile-steps", "2",
-             env={"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}, stderr=err)  # fmt: skip
+    r, err = _run_with_stderr(
+        "--config", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
+        "--repeats", "1", "--epoch-images", "24", "--profile", str(tmp_path / "trace"),
+        "--profile-steps", "2", env={"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")},
+    )  # fmt: skip
     assert r["device"] and r["source"] == "memory" and r["epoch_images"] == 24
     assert r["batch_size"] == 8 and len(r["step_ms_each_repeat"]) == 1
     assert r["train_step_images_per_sec"] > 0 and r["epoch_seconds"] > 0
@@ -44,12 +47,12 @@ def test_step_epoch_input_path_and_profile_on_memory(tmp_path):
     # Where the step's time went, by part of the step: every part of the model, the on-device
     # augmentation and the optimiser were found in the trace and attributed.
     assert "profile_ms_per_step" not in r  # the timings were printed before the profile ran
-    parts = json.loads(err[0].split("profile_ms_per_step ", 1)[1].splitlines()[0])
+    parts = json.loads(err.split("profile_ms_per_step ", 1)[1].splitlines()[0])
     for part in ("backbone forward", "backbone backward", "lstm forward", "lstm backward",
                  "head forward", "head backward", "augment", "optimizer"):  # fmt: skip
         assert parts.get(part, 0) > 0, (part, parts)
     assert parts["backbone backward"] + parts["backbone forward"] > 0.5 * sum(parts.values())
-    assert "| part | ms per step | share |" in err[0] and "block_1_depthwise" in err[0]
+    assert "| part | ms per step | share |" in err and "block_1_depthwise" in err
 
 
 def test_input_only_on_prepared_data(tmp_path):

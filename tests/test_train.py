@@ -787,7 +787,8 @@ def test_a_ctrl_c_that_python_drops_still_stops_har_train(monkeypatch):
         # Anything else dropped is reported as before.
         sys.unraisablehook(types.SimpleNamespace(exc_type=ValueError))
         assert dropped == [ValueError]
-    assert signal.getsignal(signal.SIGINT) is before and sys.unraisablehook is not None
+    assert signal.getsignal(signal.SIGINT) is before
+    assert sys.unraisablehook != interrupts._unraisable  # the previous hook is back
     sys.unraisablehook(types.SimpleNamespace(exc_type=KeyboardInterrupt))  # restored: reported
     assert dropped == [ValueError, KeyboardInterrupt]
 
