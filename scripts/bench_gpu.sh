@@ -67,23 +67,32 @@ section() {  # section NAME LIMIT_S COMMAND...: runs COMMAND, its output to OUT_
 cat "$out/env.log"
 
 bt="scripts/bench_train.py --config default --batch-size 256 --set model.dtype=bfloat16"
-# 1. The issue's figure: the full CNN-LSTM train step (augmentation, BatchNorm in training mode,
-#    as when training from scratch; depthwise_impl auto = "gemm" on a GPU), one epoch of
-#    12,600 images through the input path, and that input path alone (input_images_per_sec:
-#    what this host can feed). "nonfinite_steps" must be 0.
+fixed="--epoch-images 2560 --steps 30 --repeats 2"  # the variants: shorter, same batch
+# 1. The issue's figure: the full CNN-LSTM train step of the default config (fine-tuning the
+#    bundled ImageNet backbone: every weight trains, its BatchNorm statistics stay frozen;
+#    on-device augmentation; depthwise_impl auto = "gemm" on a GPU), one epoch of 12,600
+#    images through the input path, and that input path alone (input_images_per_sec: what
+#    this host can feed). "nonfinite_steps" must be 0.
 section train_default 200 "$py" $bt
 # 2. Where that step's time goes: a jax.profiler trace of 5 steps, per part (augmentation,
 #    backbone forward/backward, LSTM, head, optimiser) and per XLA op, after the step's
 #    timings (printed first). Another epoch length is another program: it compiles again.
 section train_profile 120 "$py" $bt --epoch-images 2560 --steps 10 --repeats 1 \
   --profile /tmp/har-profile --profile-steps 5
-# 3. The PyTorch reference in the same lease.
+# 3. Training from scratch (model.pretrained=none): BatchNorm in training mode, on the
+#    batch's statistics (the headline row of the leases of 2026-11-26 and 2026-11-27).
+section train_bn_training 150 "$py" $bt $fixed --set model.freeze_backbone_batchnorm=false
+# 4. What the on-device augmentation costs (2.0 ms per step on 2026-11-27, in float32).
+section train_no_augment 150 "$py" $bt $fixed --set train.augment=false
+# 5. The PyTorch reference in the same lease.
 section torch_eager 80 "$py" scripts/bench_torch_mobilenet.py --batch-size 256
-# 4. The 3x3 depthwise layers as nine shifted multiply-adds fused with BatchNorm and ReLU6
+# 6. The 3x3 depthwise layers as nine shifted multiply-adds fused with BatchNorm and ReLU6
 #    (the CPU's form), never measured on a GPU.
-section train_shift 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
-  --set model.depthwise_impl=shift
-# 5. The gradient that came out non-finite on an H200 on 2026-11-26 (docs/BENCHMARKS.md): block
+section train_shift 150 "$py" $bt $fixed --set model.depthwise_impl=shift
+# 7. Inference: single-image latency and batched throughput of the built-in model.
+section predict 120 "$py" scripts/bench_predict.py --impls auto --batches 1,32,256 \
+  --iters 50 --repeats 3 --seconds 1 --no-tflite
+# 8. The gradient that came out non-finite on an H200 on 2026-11-26 (docs/BENCHMARKS.md): block
 #    0's 1x1 projection, bf16, batch 256, as a cuDNN convolution ("conv") and as a GEMM ("gemm").
 section grad_probe 150 "$py" - <<'EOF'
 import jax, jax.numpy as jnp
@@ -101,19 +110,9 @@ for impl in ("conv", "gemm"):
     err = float(jnp.linalg.norm(dw - ref) / jnp.linalg.norm(ref))
     print(f"{impl}: non-finite {int(jnp.sum(~jnp.isfinite(dw)))}/{dw.size}, rel. error {err:.2e}")
 EOF
-# 6. Fine-tuning the bundled ImageNet backbone keeps its BatchNorm frozen: that step's speed.
-section train_frozen_bn 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
-  --set model.freeze_backbone_batchnorm=true
-# 7. Inference: single-image latency and batched throughput of the built-in model.
-section predict 120 "$py" scripts/bench_predict.py --impls auto --batches 1,32,256 \
-  --iters 50 --repeats 3 --seconds 1 --no-tflite
 section torch_compile 140 "$py" scripts/bench_torch_mobilenet.py --batch-size 256 --compile
-# 8. What the on-device augmentation costs.
-section train_no_augment 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
-  --set train.augment=false
 # 9. All 1x1 layers as cuDNN convolutions (the GPU default before 2026-11-26).
-section train_conv 150 "$py" $bt --epoch-images 2560 --steps 30 --repeats 2 \
-  --set model.depthwise_impl=conv
+section train_conv 150 "$py" $bt $fixed --set model.depthwise_impl=conv
 
 echo "== summary"
 "$py" - "$out" <<'EOF'
@@ -126,8 +125,8 @@ for log in sorted(out.glob("*.log")):
         r, _ = json.JSONDecoder().raw_decode(text, start)
     except ValueError:
         continue
-    keys = ["device", "depthwise_impl", "step_ms", "step_ms_each_repeat",
-            "train_step_images_per_sec", "epoch_seconds", "epoch_images_per_sec",
+    keys = ["device", "depthwise_impl", "backbone_batchnorm_frozen", "augment", "step_ms",
+            "step_ms_each_repeat", "train_step_images_per_sec", "epoch_seconds", "epoch_images_per_sec",
             "input_images_per_sec", "warmup_seconds", "final_loss", "nonfinite_steps"]
     print(log.stem, {k: r[k] for k in keys if k in r})
     for line in text.splitlines():

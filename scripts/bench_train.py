@@ -84,8 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size:
         config = override(config, {"train.batch_size": args.batch_size})
     bs, size = config.train.batch_size, config.model.image_size
-    if config.model.pretrained != "none":  # Speed does not depend on the weights' values.
-        config = override(config, {"model.pretrained": "none"})
+    if config.model.pretrained != "none":
+        # The weights' values do not change the speed (so none are loaded), but the BatchNorm
+        # mode does: keep the one this config trains with (frozen for a pretrained backbone).
+        config = override(
+            config,
+            {
+                "model.pretrained": "none",
+                "model.freeze_backbone_batchnorm": config.model.backbone_batchnorm_frozen,
+            },
+        )
     mesh = sharding.make_mesh()
     sharding.check_batch_size(bs, mesh)
 

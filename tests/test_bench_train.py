@@ -36,9 +36,13 @@ def test_step_epoch_input_path_and_profile_on_memory(tmp_path):
     r, err = _run_with_stderr(
         "--config", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
         "--repeats", "1", "--epoch-images", "24", "--profile", str(tmp_path / "trace"),
-        "--profile-steps", "2", env={"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")},
+        "--profile-steps", "2", "--set", "model.pretrained=tflite",
+        env={"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")},
     )  # fmt: skip
     assert r["device"] and r["source"] == "memory" and r["epoch_images"] == 24
+    # A pretrained config's step, as it trains: its backbone BatchNorm frozen (no weights are
+    # loaded: they do not change the speed).
+    assert r["backbone_batchnorm_frozen"] is True
     assert r["batch_size"] == 8 and len(r["step_ms_each_repeat"]) == 1
     assert r["train_step_images_per_sec"] > 0 and r["epoch_seconds"] > 0
     assert r["input_images_per_sec"] > 0
