@@ -340,10 +340,11 @@ def evaluate(
 def _testing_set_rows(data_dir: str | Path) -> list[str] | None:
     """Testing_set.csv's data rows in file order, each as its filename ("line N" if it has none).
 
-    None when ``data_dir`` has no Testing_set.csv. Faulty rows count: Kaggle expects them too.
+    None when ``data_dir`` has no Testing_set.csv, or an empty one (no test split, as for
+    training). Faulty rows count: Kaggle expects them too.
     """
     path = Path(data_dir) / kaggle.TEST_CSV
-    if not path.exists():
+    if not path.exists() or kaggle.is_blank_csv(path):
         return None
     table = kaggle.read_table(path, kaggle.TEST_COLUMNS, split="test")
     rows = [(e.line, e.filename) for e in table.entries]

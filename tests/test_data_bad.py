@@ -145,17 +145,19 @@ def test_every_kind_of_problem_is_listed_in_one_error(data, tmp_path):
     """A bad row, an unreadable training image and an unreadable test image: one run, one list."""
     missing_file(data)
     corrupt_jpeg(data)
+    single_image_label(data)  # found in the CSV, but listed with the rest: one run, not two
     (data / "test" / "Image_1.jpg").write_bytes(b"")
     with pytest.raises(DataError) as e:
         load_splits(data, tmp_path, image_size=32, data_config=DataConfig(), evaluating=True)
     message = str(e.value)
-    assert message.startswith("3 bad rows or images:"), message
+    assert message.startswith("4 bad rows or images:"), message
     for part in ("Training_set.csv line 3: train/Image_2.jpg does not exist",
+                 "Training_set.csv line 14: label 'dancing' has a single image (Image_13.jpg)",
                  "train/Image_3.jpg is unreadable", "test/Image_1.jpg is unreadable"):  # fmt: skip
         assert part in message, message
-    # Training: the same two training problems stop it; the test image, which training does
+    # Training: the same three training problems stop it; the test image, which training does
     # not read, is named after them.
-    with pytest.raises(DataError, match=r"^2 bad rows or images:") as e:
+    with pytest.raises(DataError, match=r"^3 bad rows or images:") as e:
         load_splits(data, tmp_path / "t", image_size=32, data_config=DataConfig())
     message = str(e.value)
     also = message.index("\nAlso 1 in the test split, which training does not read")
@@ -190,10 +192,38 @@ def test_no_readable_training_image_is_an_error_even_when_skipping(data, tmp_pat
         image.write_bytes(b"not a JPEG")
     with pytest.raises(
         DataError,
-        match=r"none of the 12 training images of .* is readable:\n"
+        match=r"none of the 12 rows of .*Training_set.csv names a readable image:\n"
         r"  Training_set.csv line 2: train/Image_1.jpg is unr",
     ):
-        load_splits(data, tmp_path, image_size=32, data_config=SKIP)
+        load_splits(data, tmp_path / "a", image_size=32, data_config=SKIP)
+    # No train/ folder at all: the rows' missing files are listed, before any decoding.
+    shutil.rmtree(data / "train")
+    with pytest.raises(
+        DataError,
+        match=r"need at least two classes with images, found \[\]; its faulty rows:\n"
+        r"  Training_set.csv line 2: train/Image_1.jpg does not exist",
+    ):
+        load_splits(data, tmp_path / "b", image_size=32, data_config=SKIP)
+
+
+def test_fewer_than_two_classes_is_said_before_any_image_is_decoded(data, tmp_path):
+    keep = _label(data, "Image_1.jpg")
+    _edit_train(data, lambda rows: [r for r in rows if r[1] in ("label", keep)])
+    corrupt_jpeg(data)  # not reported: the classes are wrong whatever the images hold
+    for config in (DataConfig(), SKIP):
+        with pytest.raises(DataError, match=rf"need at least two classes with images, found "
+                           rf"\['{keep}'\]$"):  # fmt: skip
+            load_splits(data, tmp_path, image_size=32, data_config=config)
+    assert not (tmp_path / "tfds").exists() or not any((tmp_path / "tfds").rglob("*.array_record*"))
+
+
+def test_an_image_name_that_is_not_utf8_does_not_stop_preparing(data, tmp_path):
+    """A stray file with a Latin-1 name (from an old zip) in train/, listed by no CSV."""
+    import os
+
+    shutil.copy(data / "train/Image_1.jpg", os.fsencode(data / "train") + b"/caf\xe9.jpg")
+    splits = load_splits(data, tmp_path, image_size=32, data_config=DataConfig())
+    assert len(splits.train) + len(splits.val) == 12
 
 
 def test_spreadsheet_csv_dialects_read_as_meant(data, tmp_path):
@@ -209,6 +239,18 @@ def test_spreadsheet_csv_dialects_read_as_meant(data, tmp_path):
     splits = load_splits(data, tmp_path / "b", image_size=32, data_config=SKIP)
     assert set(splits.classes) == {"calling", "clapping", "cycling"}  # no quotes in the names
     assert len(splits.test) == 0
+
+
+def test_a_quoted_field_over_several_lines_keeps_the_line_numbers_the_files(data, tmp_path):
+    """A note column may hold a line break; the rows after it keep their file line numbers."""
+    rows = _read(data / "Training_set.csv")
+    text = "filename,label,note\n" + f'{rows[1][0]},{rows[1][1]},"two\nlines"\n'
+    text += "".join(f"{f},{label},\n" for f, label in rows[2:])
+    (data / "Training_set.csv").write_text(text)
+    (data / "train/Image_3.jpg").write_bytes(b"")  # the CSV's row 3, on file line 5
+    with pytest.raises(DataError, match=r"^1 bad rows or images:\n  Training_set.csv line 5: "
+                       r"train/Image_3.jpg is unreadable"):  # fmt: skip
+        load_splits(data, tmp_path, image_size=32, data_config=DataConfig())
 
 
 def test_csv_columns_are_found_by_header_name_in_any_order(data, tmp_path):
@@ -285,8 +327,18 @@ def test_prepared_with_skipping_is_still_an_error_without_it(data, tmp_path):
         ("", r"Training_set.csv is empty; it needs a header line: filename,label"),
         ("filename,label\n", r"Training_set.csv has a header but no rows"),
         ("file,class\nImage_1.jpg,calling\n", r"lacks \['filename', 'label'\]"),
+        # A stray quote would read every later row into one label: the line that opens it.
+        (
+            'filename,label\nImage_1.jpg,calling\nImage_2.jpg,"calling\nImage_3.jpg,calling\n',
+            r"Training_set.csv line 3: the quote opened on this line is not closed",
+        ),
+        # ... and past the csv module's field limit (128 KiB: ~7,000 of the 12,600 rows).
+        (
+            'filename,label\nImage_1.jpg,"calling\n' + "Image_2.jpg,calling\n" * 8000,
+            r"Training_set.csv line 2: cannot read this row \(field larger than field limit",
+        ),
     ],
-    ids=["empty", "header_only", "wrong_columns"],
+    ids=["empty", "header_only", "wrong_columns", "unclosed_quote", "unclosed_quote_large"],
 )
 def test_structural_faults_are_errors_even_when_skipping(content, message, data, tmp_path):
     (data / "Training_set.csv").write_text(content)
@@ -316,7 +368,14 @@ def test_a_layout_one_folder_down_is_named(data, tmp_path):
     assert len(load_splits(inner, tmp_path / "w", image_size=32, data_config=DataConfig()).train)
 
 
-def test_without_testing_set_the_test_split_is_empty(data, tmp_path):
-    (data / "Testing_set.csv").unlink()
+@pytest.mark.parametrize(
+    "content", [None, b"", b"\xef\xbb\xbf\r\n"], ids=["absent", "empty", "bom"]
+)
+def test_without_testing_set_the_test_split_is_empty(content, data, tmp_path):
+    # An empty file (from a spreadsheet: a byte-order mark and a line break) is no file.
+    if content is None:
+        (data / "Testing_set.csv").unlink()
+    else:
+        (data / "Testing_set.csv").write_bytes(content)
     splits = load_splits(data, tmp_path, image_size=32, data_config=DataConfig())
     assert len(splits.test) == 0 and len(splits.train) + len(splits.val) == 12

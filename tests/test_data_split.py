@@ -42,6 +42,15 @@ def test_deterministic_and_independent_of_row_order():
     assert a != stratified_split(FILES, LABELS, fraction=0.3, seed=8)
 
 
+def test_names_equal_as_numbers_split_the_same_in_any_row_order():
+    # Image_1.jpg and Image_01.jpg sort as equals by their numbers; the name breaks the tie.
+    files = ["Image_1.jpg", "Image_01.jpg", "Image_2.jpg", "Image_02.jpg", "IMG_1\u00b22.jpg"]
+    labels = ["a"] * 5
+    for seed in range(4):
+        a = stratified_split(files, labels, fraction=0.4, seed=seed)
+        assert a == stratified_split(files[::-1], labels, fraction=0.4, seed=seed)
+
+
 def test_single_image_label_cannot_be_stratified():
     with pytest.raises(DataError, match=r"'c' \(Image_3.jpg\)"):
         stratified_split(FILES[:3], ["a", "a", "c"], fraction=0.3, seed=0)

@@ -276,6 +276,18 @@ def test_report_without_test_images_removes_a_stale_submission(run, tmp_path):
     assert "No test images, so no submission file." in (out / "report.md").read_text()
 
 
+def test_an_empty_testing_set_csv_means_no_submission_as_in_training(run, tmp_path):
+    # An empty spreadsheet export ("CSV UTF-8": a byte-order mark and a line break): training
+    # takes it for no test split, and so does the report, after inference as before it.
+    data = tmp_path / "data"
+    shutil.copytree(run.data, data)
+    (data / "Testing_set.csv").write_bytes(b"\xef\xbb\xbf\r\n")
+    report = ev.evaluate(run.work, data, tmp_path / "report", splits=_without_test(run.splits),
+                         probe="none")  # fmt: skip
+    assert report["submission"] is None
+    assert not (tmp_path / "report" / "submission.csv").exists()
+
+
 def _without_test(splits):
     empty = ArraySource(np.zeros((0, 32, 32, 3), np.uint8), [], [], np.zeros(0, np.int32), 32)
     return dataclasses.replace(splits, test=empty)

@@ -89,7 +89,8 @@ def fingerprint(data_dir: str | Path) -> str:
             if e.is_file()
         )
         for name, size, mtime in entries:
-            h.update(f"{folder}/{name}\0{size}\0{mtime}\n".encode())
+            # os.fsencode: a name that is not UTF-8 (a legacy zip's Latin-1) is its raw bytes.
+            h.update(os.fsencode(f"{folder}/{name}") + f"\0{size}\0{mtime}\n".encode())
     return h.hexdigest()[:12]
 
 
@@ -240,6 +241,16 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
         # raised together once the last split is decoded: one run lists every problem, rather
         # than one kind per run (each run decoding every image again to find the next kind).
         self._problems = [i for i in layout.issues if not self._skips(i.split)]
+        if len(layout.classes) < 2:  # no image can change that: said before any decoding
+            raise kaggle.DataError(
+                f"{layout.root}: need at least two classes with images, found "
+                f"{list(layout.classes)}"
+                + (f"; its faulty rows:\n{kaggle.list_issues(layout.issues)}"
+                   if layout.issues else "")
+            )  # fmt: skip
+        if not self._skip_bad_images:
+            # Listed with the other problems, so that fixing the CSV takes one run, not two.
+            self._problems += kaggle.singleton_labels(layout.train)
         meta = self.info.metadata
         meta.update(
             classes=list(layout.classes),
@@ -307,9 +318,13 @@ class HarKaggle(tfds.core.GeneratorBasedBuilder):
         if not stored and split == "test":
             raise _NoReadableTestImage(bad)
         if not stored:
+            rows = layout.train_table.num_rows
+            faults = sorted([*(i for i in layout.issues if i.split == split), *bad],
+                            key=lambda i: i.line or 0)  # fmt: skip
             raise kaggle.DataError(
-                f"none of the {len(entries)} training images of {layout.root} is readable:\n"
-                f"{kaggle.list_issues(bad)}\nCheck that the data set was unzipped completely."
+                f"none of the {rows} rows of {layout.train_table.path} names a readable "
+                f"image:\n{kaggle.list_issues(faults)}\n"
+                "Check that the data set was unzipped completely."
             )
         meta = self.info.metadata
         meta["skipped"] = meta["skipped"] + [i.to_dict() for i in bad]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import io
 import logging
 import re
 import unicodedata
@@ -200,16 +201,14 @@ def read_table(path: Path, columns: Sequence[str], *, split: str) -> CsvTable:
             f"{path} line {line} is not UTF-8 (byte {data[e.start]:#04x}; Latin-1 or another "
             f"legacy encoding?); {save_as}"
         ) from None
-    # skipinitialspace: `"Image_1.jpg", "calling"` is two quoted fields, as spreadsheets and
-    # pandas read it, not a label with quote characters in it.
-    rows = list(csv.reader(text.splitlines(), skipinitialspace=True))
+    rows = _csv_rows(path, text)
     # Blank lines before the header (as after the data) hold nothing: the header is the first
     # line with text, and line numbers stay the file's.
-    first = next((i for i, row in enumerate(rows) if any(cell.strip() for cell in row)), None)
+    first = next((i for i, (_, row) in enumerate(rows) if any(c.strip() for c in row)), None)
     if first is None:
         raise DataError(f"{path} is empty; it needs a header line: {','.join(columns)}")
     # Header names in any case ("Filename,Label" from a spreadsheet).
-    header = tuple(cell.strip().lower() for cell in rows[first])
+    header = tuple(cell.strip().lower() for cell in rows[first][1])
     missing = [c for c in columns if c not in header]
     if missing:
         raise DataError(
@@ -225,10 +224,18 @@ def read_table(path: Path, columns: Sequence[str], *, split: str) -> CsvTable:
     entries: list[Entry] = []
     issues: list[Issue] = []
     num_rows = 0
-    for line, row in enumerate(rows[first + 1 :], start=first + 2):
+    for line, row in rows[first + 1 :]:
         if not any(cell.strip() for cell in row):
             continue  # Blank lines (a trailing newline, an empty spreadsheet row) hold no data.
         num_rows += 1
+        keys = [row[where[c]] for c in columns if where[c] < len(row)]
+        if any("\n" in k or "\r" in k for k in keys):
+            # No file name or label spans lines: a quote opened on this line was never closed,
+            # and every row after it was read into this one field.
+            raise DataError(
+                f"{path} line {line}: the quote opened on this line is not closed, so the "
+                f"lines after it read as part of one field ({row!r:.120}); close or remove it"
+            )
         if len(row) != len(header):
             issues.append(
                 Issue("malformed_row", split, None, line,
@@ -262,6 +269,44 @@ def read_table(path: Path, columns: Sequence[str], *, split: str) -> CsvTable:
     issues.extend(dup_issues)
     issues.sort(key=lambda i: i.line or 0)
     return CsvTable(path, header, extra, num_rows, tuple(entries), tuple(issues))
+
+
+def is_blank_csv(path: Path) -> bool:
+    """True when ``path`` is a file of nothing but white space and byte-order marks.
+
+    What an empty spreadsheet export holds: for the optional Testing_set.csv, the same as no
+    file (no test split). False when it cannot be read (reading it then says why).
+    """
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    return not data.replace(b"\xef\xbb\xbf", b"").strip()
+
+
+def _csv_rows(path: Path, text: str) -> list[tuple[int, list[str]]]:
+    """The CSV's rows, each with the file line it starts on (a quoted field may span lines).
+
+    skipinitialspace: `"Image_1.jpg", "calling"` is two quoted fields, as spreadsheets and
+    pandas read it, not a label with quote characters in it.
+
+    Raises:
+      DataError: the csv module cannot read a row (a field over its size limit, as when an
+        unclosed quote swallows the rest of a large file), naming the line the row starts on.
+    """
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
+    rows: list[tuple[int, list[str]]] = []
+    start = 1
+    try:
+        for row in reader:
+            rows.append((start, row))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(
+            f"{path} line {start}: cannot read this row ({e}); a quote opened on this line and "
+            "never closed makes the rest of the file one field: close or remove it"
+        ) from None
+    return rows
 
 
 def _drop_duplicates(
@@ -339,6 +384,19 @@ def label_issues(
     return issues
 
 
+def singleton_labels(entries: Sequence[Entry]) -> list[Issue]:
+    """``singleton_label`` issues: the rows whose label no other row has (a stratified split
+    needs at least two images of a class), in CSV order."""
+    counts = collections.Counter(e.label for e in entries)
+    return [
+        Issue("singleton_label", "train", e.filename, e.line,
+              f"{TRAIN_CSV} line {e.line}: label {e.label!r} has a single image ({e.filename}); "
+              "a stratified split needs at least two")
+        for e in entries
+        if counts[e.label] < 2
+    ]  # fmt: skip
+
+
 def read_layout(
     data_dir: str | Path,
     *,
@@ -369,7 +427,7 @@ def read_layout(
         raise DataError(f"{train_table.path} has a header but no rows")
     test_path = root / TEST_CSV
     test_table = None
-    if test_path.is_file() and test_path.read_bytes().strip():
+    if test_path.is_file() and not is_blank_csv(test_path):
         test_table = read_table(test_path, TEST_COLUMNS, split="test")
     else:
         # An empty Testing_set.csv says as much as an absent one: there is no test split.

@@ -25,9 +25,15 @@ SPLIT_FILE = "split.json"
 _FORMAT = 1
 
 
-def natural_key(filename: str) -> list:
-    """Sort key that puts Image_2.jpg before Image_10.jpg."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", filename)]
+def natural_key(filename: str) -> tuple[list, str]:
+    """Sort key that puts Image_2.jpg before Image_10.jpg.
+
+    The name itself breaks ties (Image_1.jpg and Image_01.jpg), so that no order depends on
+    the CSV's. The digit runs are re.split's odd parts: any Unicode decimal digits, which
+    int() reads (str.isdigit would also take superscripts, which it does not).
+    """
+    parts = re.split(r"(\d+)", filename)
+    return [int(t) if i % 2 else t for i, t in enumerate(parts)], filename
 
 
 def stratified_split(
