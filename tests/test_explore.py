@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from har_flax.cli import explore as explore_cli
 from har_flax.data.explore import explore, write_report
@@ -188,3 +189,126 @@ def test_out_that_is_a_file_is_refused_up_front(messy, tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"error: --out {out}" in err and says in err, err
     assert (tmp_path / "afile").read_text() == "keep"
+
+
+def _kaggle_set(root):
+    return write_synthetic_kaggle(root, train_per_class=4, test_count=3, min_size=32,
+                                  max_size=48, seed=9)  # fmt: skip
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_and_the_report_written_whole(tmp_path, capsys):
+    root = _kaggle_set(tmp_path / "data")
+    # A Latin-1 name an old zip tool left: no CSV can list it, as CSVs are read as UTF-8.
+    raw = os.fsencode(root / "train") + b"/caf\xe9.jpg"
+    try:
+        with open(raw, "wb") as f:
+            Image.new("RGB", (40, 40)).save(f, format="JPEG")
+    except OSError as e:  # A file system that only takes UTF-8 names (macOS, some mounts).
+        pytest.skip(f"cannot make a file with a non-UTF-8 name here: {e}")
+    out = tmp_path / "out"
+    assert explore_cli.main(["--data-dir", str(root), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["explore.json", "explore.md", "explore.png"]
+    report = json.loads((out / "explore.json").read_text(encoding="utf-8"))
+    [bad] = [a for a in report["anomalies"] if a["kind"] == "bad_filename"]
+    assert bad["split"] == "train" and bad["filename"] == "caf\ufffd.jpg"
+    assert "not UTF-8" in bad["message"] and "rename it" in bad["message"]
+    assert report["images"]["train"]["unlisted_files"] == ["caf\ufffd.jpg"]
+    assert report["anomaly_counts"] == {"bad_filename": 1} and not report["ok"]
+    md = (out / "explore.md").read_text(encoding="utf-8")
+    assert "caf\ufffd.jpg" in md and "bad_filename" in md
+    with Image.open(out / "explore.png") as im:
+        assert im.format == "PNG"
+    capsys.readouterr()
+    assert explore_cli.main(["--data-dir", str(root), "--out", str(out), "--strict"]) == 1
+
+
+@pytest.mark.parametrize(
+    "test_csv",
+    [None, b"", b"\xef\xbb\xbf\r\n"],
+    ids=["absent", "0 bytes", "BOM and a line break"],
+)
+def test_no_or_a_blank_testing_csv_is_no_test_split_not_an_anomaly(tmp_path, capsys, test_csv):
+    root = _kaggle_set(tmp_path / "data")
+    (root / "Testing_set.csv").unlink()
+    if test_csv is not None:
+        (root / "Testing_set.csv").write_bytes(test_csv)
+    report = explore(root, workers=1)
+    assert report["ok"], report["anomalies"] + report["structural_errors"]
+    assert report["structural_errors"] == [] and report["anomaly_counts"] == {}
+    note = report["csv"]["test"]["note"]
+    assert note.startswith(str(root / "Testing_set.csv")) and "no test split" in note
+    assert report["notes"] == [note]
+    assert report["images"]["test"]["listed"] == 0
+    out = tmp_path / "out"
+    assert explore_cli.main(["--data-dir", str(root), "--out", str(out), "--strict"]) == 0
+    assert "no test split" in (out / "explore.md").read_text()
+
+
+def test_training_csv_absent_stays_a_structural_error(tmp_path):
+    root = _kaggle_set(tmp_path / "data")
+    (root / "Training_set.csv").unlink()
+    (root / "Testing_set.csv").unlink()
+    report = explore(root, workers=1)
+    [err] = report["structural_errors"]
+    assert err["kind"] == "bad_csv" and err["file"] == "Training_set.csv"
+    assert "not found" in err["message"] and not report["ok"]
+    assert "note" in report["csv"]["test"] and "error" not in report["csv"]["test"]
+
+
+def _exif_rotated_jpeg(path, size, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    Image.new("RGB", size, (200, 10, 10)).save(path, exif=exif.tobytes())
+
+
+def test_sizes_are_as_training_sees_them_after_exif_orientation(tmp_path):
+    root = _kaggle_set(tmp_path / "data")
+    _exif_rotated_jpeg(root / "train/Image_1.jpg", (80, 60), 6)  # a phone photo held upright
+    _exif_rotated_jpeg(root / "train/Image_2.jpg", (90, 50), 3)  # upside down: no swap
+    with Image.open(root / "train/Image_1.jpg") as im:
+        assert im.size == (80, 60)  # what the header says
+    report = explore(root, workers=1)
+    assert report["ok"]
+    # The reference: every image made upright by Pillow's own EXIF transpose.
+    upright = []
+    for split in ("train", "test"):
+        for p in sorted((root / split).iterdir()):
+            with Image.open(p) as im:
+                upright.append(ImageOps.exif_transpose(im).size)
+    assert (60, 80) in upright and (80, 60) not in upright
+    sz = report["sizes"]
+    assert sz["count"] == len(upright)
+    for key, values in (
+        ("width", [w for w, _ in upright]),
+        ("height", [h for _, h in upright]),
+        ("aspect", [w / h for w, h in upright]),
+    ):
+        assert sz[key]["min"] == pytest.approx(min(values)), key
+        assert sz[key]["max"] == pytest.approx(max(values)), key
+        assert sz[key]["mean"] == pytest.approx(np.mean(values)), key
+    assert {"width": 60, "height": 80, "count": 1} in sz["common_sizes"]
+    md = write_report(report, tmp_path / "out")["markdown"].read_text()
+    [row] = [line for line in md.splitlines() if line.startswith("| height px |")]
+    assert row.endswith(f"| {max(h for _, h in upright):.2f} |")  # 80: the rotated photo
+
+
+def test_unreadable_images_are_left_out_of_the_statistics(tmp_path):
+    root = _kaggle_set(tmp_path / "data")
+    # A TIFF (Pillow opens it, the project refuses it) and a JPEG cut short after its header.
+    Image.new("RGB", (200, 100)).save(root / "train/Image_1.jpg", format="TIFF")
+    buf = io.BytesIO()
+    Image.effect_noise((150, 90), 60).convert("RGB").save(buf, format="JPEG", quality=95)
+    (root / "train/Image_2.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    report = explore(root, workers=1)
+    unreadable = report["images"]["train"]["unreadable"]
+    assert sorted(u["filename"] for u in unreadable) == ["Image_1.jpg", "Image_2.jpg"]
+    readable = report["images"]["train"]["readable"] + report["images"]["test"]["readable"]
+    assert readable == 12 + 3 - 2
+    sz = report["sizes"]
+    assert sz["count"] == readable
+    assert sz["formats"] == {"JPEG": readable} and sz["modes"] == {"RGB": readable}
+    assert sz["width"]["max"] <= 48 and sz["height"]["max"] <= 48  # not 200x100 nor 150x90
+    assert sum(x["count"] for x in sz["common_sizes"]) <= readable
+    assert sz["histograms"]["width"]["counts"] and sum(sz["histograms"]["width"]["counts"]) == (
+        readable
+    )

@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import io
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ from har_flax import images
 from har_flax.config import HAR_ACTIONS
 from har_flax.data import kaggle
 
+log = logging.getLogger(__name__)
+
 JSON_FILE = "explore.json"
 MARKDOWN_FILE = "explore.md"
 CHART_FILE = "explore.png"
@@ -33,23 +36,60 @@ _MD_LIST = 30
 
 
 def _probe(path: Path) -> dict[str, Any]:
-    """Size, mode and format of one image file, and whether it decodes (as training would)."""
+    """Whether one image file decodes as training decodes it, and if so its statistics.
+
+    Returns:
+      ``{"error": reason}`` for a file training cannot read; else ``bytes``, ``width`` and
+      ``height`` as training sees them (EXIF orientation applied), ``mode`` and ``format``.
+    """
     try:
         data = path.read_bytes()
     except OSError as e:
         return {"error": f"cannot be read ({e.strerror or e})"}
-    info: dict[str, Any] = {"bytes": len(data)}
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            info.update(width=im.size[0], height=im.size[1], mode=im.mode, format=im.format)
-    except Exception:  # noqa: BLE001 (the decode below gives the message a person reads)
-        pass
     try:
         # The same decoding as training: unreadable here = unreadable there.
-        images.first_frame_of_file(data, field=f"{path.parent.name}/{path.name}")
+        frame = images.first_frame_of_file(data, field=f"{path.parent.name}/{path.name}")
     except images.ImageError as e:
-        info["error"] = e.reason
+        return {"error": e.reason}
+    # (H, W, 3), upright: an orientation-6 photo stored 80x60 is 60 wide, as the model gets it.
+    info: dict[str, Any] = {"bytes": len(data), "width": frame.shape[1], "height": frame.shape[0]}
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            info.update(mode=im.mode, format=im.format)
+    except Exception:  # noqa: BLE001 (it decoded above; only the header's labels are missing)
+        info.update(mode="?", format="?")
     return info
+
+
+def _displayable(text: str) -> str:
+    """``text`` with the bytes of a name that is not UTF-8 shown as U+FFFD.
+
+    Python reads such a file name (a Latin-1 ``caf\\xe9.jpg`` from an old zip) with surrogate
+    characters, which UTF-8 files and terminals cannot hold.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # A surrogate that stands for no byte.
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _displayable_all(value: Any) -> Any:
+    """``value`` (the report) with every string :func:`_displayable`."""
+    if isinstance(value, str):
+        return _displayable(value)
+    if isinstance(value, dict):
+        return {_displayable_all(k): _displayable_all(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_displayable_all(v) for v in value]
+    return value
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _stats(values: Sequence[float]) -> dict[str, float] | None:
@@ -102,13 +142,17 @@ def explore(data_dir: str | Path, *, workers: int | None = None) -> dict[str, An
       workers: threads that open images (default: one per CPU).
 
     Returns:
-      A JSON-able report: ``csv`` (per file: columns, rows, structural error),
-      ``structural_errors`` (a CSV missing, empty, without its columns or without rows: kind
-      ``bad_csv``, file, message naming the file), ``anomalies`` (every faulty row or image:
-      kind, split, filename, line, message), ``anomaly_counts`` (per kind, of both lists),
-      ``classes`` (counts, imbalance, labels outside the 15 HAR actions when the data looks
-      like the HAR set), ``images`` (per split: listed, readable, missing, unreadable, unlisted
-      files) and ``sizes`` (width, height, aspect statistics, common sizes, modes, formats).
+      A JSON-able report: ``csv`` (per file: columns, rows, structural error or note),
+      ``notes`` (what is not a fault: an absent or blank ``Testing_set.csv``, which training
+      reads as no test split), ``structural_errors`` (a CSV missing, empty, without its columns
+      or without rows: kind ``bad_csv``, file, message naming the file), ``anomalies`` (every
+      faulty row or image, and every file whose name is not UTF-8: kind, split, filename, line,
+      message), ``anomaly_counts`` (per kind, of both lists), ``classes`` (counts, imbalance,
+      labels outside the 15 HAR actions when the data looks like the HAR set), ``images`` (per
+      split: listed, readable, missing, unreadable, unlisted files) and ``sizes`` (of the
+      images training can read, as it sees them, EXIF orientation applied: width, height,
+      aspect statistics, common sizes, modes, formats). Names that are not UTF-8 are shown with
+      U+FFFD for their bad bytes.
 
     Raises:
       DataError: ``data_dir`` is not a directory.
@@ -117,7 +161,22 @@ def explore(data_dir: str | Path, *, workers: int | None = None) -> dict[str, An
     if not root.is_dir():
         raise kaggle.DataError(f"data directory {root} does not exist")
     train_csv, train_table = _table_summary(root, kaggle.TRAIN_CSV, kaggle.TRAIN_COLUMNS, "train")
-    test_csv, test_table = _table_summary(root, kaggle.TEST_CSV, kaggle.TEST_COLUMNS, "test")
+    notes: list[str] = []
+    test_path = root / kaggle.TEST_CSV
+    if test_path.is_file() and not kaggle.is_blank_csv(test_path):
+        test_csv, test_table = _table_summary(root, kaggle.TEST_CSV, kaggle.TEST_COLUMNS, "test")
+    else:
+        # Optional: an absent or empty one is no test split, as kaggle.read_layout reads it.
+        why = "is empty" if test_path.is_file() else "not found"
+        note = (
+            f"{test_path} {why}: no test split, as training will read it (to have one, add "
+            f"{kaggle.TEST_CSV} with a header line 'filename' and one test image per row)"
+        )
+        log.warning("%s", note)
+        notes.append(note)
+        test_csv = {"file": kaggle.TEST_CSV, "present": test_path.is_file(),
+                    "required": list(kaggle.TEST_COLUMNS), "note": note}  # fmt: skip
+        test_table = None
     anomalies: list[kaggle.Issue] = []
     structural = [
         {"kind": "bad_csv", "file": s["file"], "message": s["error"]}
@@ -194,6 +253,16 @@ def explore(data_dir: str | Path, *, workers: int | None = None) -> dict[str, An
         on_disk = (
             sorted(p.name for p in (root / folder).iterdir()) if (root / folder).is_dir() else []
         )
+        for name in on_disk:
+            if not _is_utf8(name):
+                # No CSV (read as UTF-8) can name it, and no report can print it as it is.
+                anomalies.append(
+                    kaggle.Issue("bad_filename", split, _displayable(name), None,
+                                 f"{folder}/{_displayable(name)}: its name is not UTF-8 (bytes "
+                                 f"{os.fsencode(name)!r}, from an old zip tool in Latin-1 or "
+                                 f"another legacy encoding?), so no CSV can list it; rename it "
+                                 f"to a UTF-8 name")
+                )  # fmt: skip
         image_summary[split] = {
             "folder": folder,
             "folder_present": (root / folder).is_dir(),
@@ -221,6 +290,7 @@ def explore(data_dir: str | Path, *, workers: int | None = None) -> dict[str, An
         "data_dir": os.fspath(root),
         "ok": not (anomalies or structural),
         "csv": {"train": train_csv, "test": test_csv},
+        "notes": notes,
         "structural_errors": structural,
         "anomalies": [i.to_dict() for i in sorted(anomalies, key=_issue_order)],
         "anomaly_counts": dict(
@@ -253,7 +323,8 @@ def explore(data_dir: str | Path, *, workers: int | None = None) -> dict[str, An
             "formats": dict(formats.most_common()),
         },
     }
-    return report
+    # Names and paths from the disk may not be UTF-8; the report shows them, it cannot hold them.
+    return _displayable_all(report)
 
 
 def _issue_order(i: kaggle.Issue) -> tuple:
@@ -268,8 +339,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     out += ["## CSV files", "", "| file | columns | rows | usable | faulty | note |",
             "| --- | --- | ---: | ---: | ---: | --- |"]  # fmt: skip
     for s in report["csv"].values():
-        if "error" in s:
-            out.append(f"| {s['file']} | | | | | {_md(s['error'])} |")
+        if "error" in s or "note" in s:
+            out.append(f"| {s['file']} | | | | | {_md(s.get('error') or s['note'])} |")
         else:
             note = f"extra columns ignored: {s['extra_columns']}" if s["extra_columns"] else ""
             out.append(
@@ -375,7 +446,11 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
 
     out = Path(out_dir)
     paths = {"json": out / JSON_FILE, "markdown": out / MARKDOWN_FILE, "chart": out / CHART_FILE}
-    atomic_write_text(paths["json"], json.dumps(report, indent=2) + "\n")
-    atomic_write_text(paths["markdown"], to_markdown(report))
-    atomic_write_bytes(paths["chart"], to_png(report))
+    # All three made before any is written: a report that fails to render leaves none behind.
+    text = json.dumps(report, indent=2) + "\n"
+    markdown = to_markdown(report)
+    chart = to_png(report)
+    atomic_write_text(paths["json"], text)
+    atomic_write_text(paths["markdown"], markdown)
+    atomic_write_bytes(paths["chart"], chart)
     return paths
