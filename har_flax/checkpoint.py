@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -109,24 +110,23 @@ def save_variables(path: str | os.PathLike, variables: Any) -> None:
 
 def load_variables(path: str | os.PathLike) -> dict:
     """Restores a pytree saved by :func:`save_variables`, as host numpy arrays."""
-    try:
-        with _this_process_checkpointer() as ckptr:
-            restored = ckptr.restore(os.path.abspath(path))
-    except Exception:
-        _quiet_late_reads()
-        raise
+    _quiet_late_reads()
+    with _this_process_checkpointer() as ckptr:
+        restored = ckptr.restore(os.path.abspath(path))
     return jax.tree.map(np.asarray, restored)
 
 
 def _quiet_late_reads() -> None:
-    """Keeps the reads a failed restore left behind from printing tracebacks.
+    """Keeps the reads a failed restore leaves behind from printing tracebacks.
 
     orbax runs a restore in an event loop of its own, and closes it as soon as one array fails
     to read (a truncated file). tensorstore then finishes the other reads, and each completion
-    calls back into the closed loop: "Exception ignored in: None ... RuntimeError: Event loop
-    is closed", several tracebacks after the error a person is shown. Those results are
-    unwanted, so from the first failure on this process drops exactly those reports, and hands
-    every other one to the hook it had.
+    calls back into the closed loop: "RuntimeError: Event loop is closed" tracebacks; and a
+    read task that failed too, which nobody awaits, is reported by asyncio as it is collected
+    ("Task exception was never retrieved"). Those results are unwanted, and their reports
+    can come before the restore's own error reaches its caller, so this is installed before
+    every restore (once per process): from then on exactly those reports are dropped, and
+    every other one goes to the hook (or the handlers) it had.
     """
     previous = sys.unraisablehook
     if getattr(previous, "_har_flax_quiet", False):
@@ -146,6 +146,17 @@ def _quiet_late_reads() -> None:
 
     hook._har_flax_quiet = True
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_drop_unretrieved_read_failures)
+
+
+def _drop_unretrieved_read_failures(record: logging.LogRecord) -> bool:
+    """asyncio's report of a tensorstore read that failed in a task nobody awaited."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not (
+        str(record.msg).startswith("Task exception was never retrieved")
+        and error is not None
+        and _unreadable(error)
+    )
 
 
 # How tensorstore words a read that failed (the file is short, missing or corrupt), as opposed
@@ -341,6 +352,20 @@ _PROGRESS_ITEM = "progress"
 ORBAX_WAIT_NOTICE = "Waiting for previous save to complete"
 
 
+def saved_progress(directory: str | os.PathLike, which: str = "latest") -> dict[str, Any] | None:
+    """The ``progress`` JSON of the kept ``which`` checkpoint under ``directory``, read as a
+    file, without orbax (cheap, no managers, no barriers); None when there is none, or it
+    cannot be read (restoring it then says why)."""
+    folder = Path(directory) / which
+    try:
+        steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
+        # orbax's JsonSave writes the item as <step>/<item>/metadata.
+        text = (folder / str(max(steps)) / _PROGRESS_ITEM / "metadata").read_text("utf-8")
+        return json.loads(text)["progress"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class TrainCheckpoints:
     """The latest and the best training checkpoint of a work directory.
 
@@ -441,6 +466,7 @@ class TrainCheckpoints:
         step = self.latest_step(which)
         if step is None:
             return None
+        _quiet_late_reads()
         try:
             restored = manager.restore(
                 step,
@@ -452,7 +478,6 @@ class TrainCheckpoints:
                 ),
             )
         except (ValueError, KeyError, TypeError) as e:
-            _quiet_late_reads()
             where = f"checkpoint {self.directory / which} (step {step})"
             if _unreadable(e):
                 raise CheckpointError(

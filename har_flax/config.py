@@ -175,7 +175,8 @@ class TrainConfig:
     plateau_min_scale: float = 0.01
     weight_decay: float = 1e-4  # AdamW decoupled weight decay.
     label_smoothing: float = 0.1
-    early_stopping_patience: int = 7  # Epochs without val-accuracy gain before stopping.
+    # Epochs without val-accuracy gain before stopping (stage 2's only: stage 1 never stops).
+    early_stopping_patience: int = 7
     augment: bool = True  # Random resized crop, flip, colour jitter, on the accelerator.
     log_every_steps: int = 20
     # Steps with a non-finite loss or gradient are skipped (no update); this many in a row stop

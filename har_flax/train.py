@@ -39,6 +39,7 @@ from har_flax.checkpoint import (
     atomic_write_bytes,
     atomic_write_text,
     save_model,
+    saved_progress,
 )
 from har_flax.config import Config, TrainConfig, get_config, override
 from har_flax.models import create_model, init_variables
@@ -660,6 +661,8 @@ def fit(
             f"config is of type {type(config).__name__}; pass a har_flax.config.Config (get_config("
             "'tiny'), override(...)) or a preset name or config .json"
         )
+    if max_steps is not None and max_steps < 0:
+        raise ValueError(f"max_steps must be 0 or more (a global step), got {max_steps}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lock(workdir):
@@ -777,11 +780,7 @@ def _fit(
 
     if saved_epochs is not None and not progress["finished"]:
         ckpts.close()
-        raise ValueError(
-            f"{workdir} holds an unfinished run of train.epochs={saved_epochs}, whose "
-            f"learning-rate schedule is fixed, so train.epochs={tc.epochs} cannot resume it; "
-            f"resume with train.epochs={saved_epochs}, or use a new --workdir"
-        )
+        raise ValueError(_epochs_refusal(workdir, saved_epochs, tc.epochs))
     if progress["finished"]:
         log.info("%s already finished; nothing to do", workdir)
         if tc.epochs > progress["epoch"] and not progress["stopped_early"]:
@@ -826,7 +825,12 @@ def _fit(
                         meter.flush()
                         batches.close()
                         progress["step_in_epoch"] = i
-                        save("latest")
+                        if ckpts.latest_step() != int(jax.device_get(state.step)):
+                            save("latest")
+                        # Else no step since the latest checkpoint (the epoch's end, or the one
+                        # this run resumed from): it holds this very state and progress. Saving
+                        # again would replace it, leaving no checkpoint while the copy is
+                        # written (a kill then, as after a SIGTERM's grace period, lost the run).
                         ckpts.close()
                         log.info("stopped at step %d; run again to resume", global_step)
                         return result(True)
@@ -892,17 +896,8 @@ def _fit(
             progress["epoch"] = epoch + 1
             progress["step_in_epoch"] = 0
             progress["sums"] = _new_sums()
-            improved = val_acc > progress["best_val_accuracy"]
-            if improved:
-                progress["best_val_accuracy"] = val_acc
-                progress["best_epoch"] = epoch + 1
-                progress["epochs_without_improvement"] = 0
-            else:
-                progress["epochs_without_improvement"] += 1
+            improved = _track_early_stopping(progress, val_acc, epoch, frozen, tc)
             record["best_val_accuracy"] = progress["best_val_accuracy"]
-            if progress["epochs_without_improvement"] >= tc.early_stopping_patience:
-                progress["stopped_early"] = True
-            progress["finished"] = progress["stopped_early"] or epoch + 1 == tc.epochs
 
             if jax.process_index() == 0:
                 if improved:
@@ -929,6 +924,34 @@ def _fit(
     if jax.process_index() == 0 and history:
         plot_curves(history, workdir / CURVES_FILE)
     return result(False)
+
+
+def _track_early_stopping(
+    progress: dict[str, Any], val_acc: float, epoch: int, frozen: bool, tc: TrainConfig
+) -> bool:
+    """Updates ``progress`` after epoch ``epoch`` (0-based) with its validation accuracy: the
+    best so far, the epochs without a new best, and whether the run stopped early or finished.
+
+    The head-only stage (``frozen``) never stops the run: it prepares the fine-tuning, and a
+    frozen backbone soon stalls. Its epochs do not count towards the patience; stage 2 starts
+    its own count (against the best accuracy so far, stage 1's included).
+
+    Returns:
+      Whether this epoch set a new best.
+    """
+    improved = val_acc > progress["best_val_accuracy"]
+    if improved:
+        progress["best_val_accuracy"] = val_acc
+        progress["best_epoch"] = epoch + 1
+        progress["epochs_without_improvement"] = 0
+    elif not frozen:
+        progress["epochs_without_improvement"] += 1
+    else:
+        progress["epochs_without_improvement"] = 0
+    if progress["epochs_without_improvement"] >= tc.early_stopping_patience:
+        progress["stopped_early"] = True
+    progress["finished"] = progress["stopped_early"] or epoch + 1 == tc.epochs
+    return improved
 
 
 def _new_sums() -> dict[str, float]:
@@ -1134,11 +1157,15 @@ def check_resume(workdir: str | Path, config: Config) -> None:
     """Refuses at once to resume ``workdir``'s run with other settings: the check :func:`fit`
     makes as it resumes, made before the data is prepared (minutes and gigabytes for a data set
     at a new image size, only to be refused). The class count, which comes from the data, is
-    left to fit.
+    left to fit. A pretrained source that cannot load is refused here too, for the same reason.
 
     Raises:
-      ValueError: naming each setting that differs from the saved one.
+      ValueError: naming each setting that differs from the saved one, or what is wrong with
+        ``model.pretrained``.
     """
+    from har_flax.weights import check_pretrained_source
+
+    check_pretrained_source(config.model.pretrained, config.model.width)
     workdir = Path(workdir)
     path = workdir / CONFIG_FILE
     latest = workdir / TRAIN_CHECKPOINTS_DIR / "latest"
@@ -1147,7 +1174,19 @@ def check_resume(workdir: str | Path, config: Config) -> None:
         return
     saved = Config.from_json(path.read_text(encoding="utf-8"))
     classes = {"model.num_classes": saved.model.num_classes}
-    _check_resumable_config(workdir, override(config, classes), warn=False)
+    saved_epochs = _check_resumable_config(workdir, override(config, classes), warn=False)
+    if saved_epochs is not None:  # refused unless the run has finished
+        progress = saved_progress(workdir / TRAIN_CHECKPOINTS_DIR)
+        if progress is not None and not progress.get("finished", True):
+            raise ValueError(_epochs_refusal(workdir, saved_epochs, config.train.epochs))
+
+
+def _epochs_refusal(workdir: Path, saved: int, requested: int) -> str:
+    return (
+        f"{workdir} holds an unfinished run of train.epochs={saved}, whose learning-rate "
+        f"schedule is fixed, so train.epochs={requested} cannot resume it; resume with "
+        f"train.epochs={saved}, or use a new --workdir"
+    )
 
 
 def _children(folder: Path) -> list[Path]:
@@ -1247,6 +1286,13 @@ def _read_history(workdir: Path, keep_epochs: int) -> list[dict]:
             break
         lines.append(record)
     kept = [r for r in lines if r["epoch"] <= keep_epochs]
+    if len(kept) < len(lines):
+        log.warning(
+            "%s: dropped epochs %s, past the latest checkpoint (%s); they are trained again",
+            path,
+            ", ".join(str(r["epoch"]) for r in lines if r["epoch"] > keep_epochs),
+            f"epoch {keep_epochs}" if keep_epochs else "none",
+        )
     rewritten = "".join(json.dumps(r) + "\n" for r in kept)
     if rewritten != text and jax.process_index() == 0:
         atomic_write_text(path, rewritten)

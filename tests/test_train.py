@@ -717,6 +717,8 @@ def test_har_train_checks_its_directories_before_anything(tmp_path, capsys):
          f"--workdir {afile / 'w'}: {afile} exists and is not a directory, so"),
         (["--workdir", str(tmp_path / "w"), "--download-dir", str(afile)],
          f"--download-dir {afile} exists and is not a directory"),
+        (["--workdir", str(tmp_path / "w"), "--max-steps", "-1"],
+         "--max-steps must be 0 or more (a global step), got -1"),
     ):  # fmt: skip
         with pytest.raises(SystemExit) as e:
             main(["--data-dir", str(tmp_path), *argv])
@@ -808,7 +810,9 @@ class _SignalOnLen(_SignalAt):
         return super().__len__()
 
 
-def test_a_signal_while_the_run_is_set_up_stops_it_before_its_first_step(splits, tmp_path, caplog):
+def test_a_signal_while_the_run_is_set_up_stops_it_before_its_first_step(
+    splits, tmp_path, caplog, monkeypatch
+):
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     stopped = dataclasses.replace(splits, train=_SignalOnLen(splits.train, signal.SIGINT))
     with caplog.at_level(logging.INFO, logger="har_flax.train"):
@@ -818,8 +822,20 @@ def test_a_signal_while_the_run_is_set_up_stops_it_before_its_first_step(splits,
     assert f"signal {signal.SIGINT}: saving a checkpoint and stopping" in caplog.text
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
     assert [p.name for p in (tmp_path / "w" / "checkpoints" / "latest").iterdir()] == ["0"]
+    saves = []  # (which, step) of every checkpoint written, by the real save
+    real_save = train.TrainCheckpoints.save
+
+    def save(self, which, step, *args):
+        saves.append((which, step))
+        return real_save(self, which, step, *args)
+
+    monkeypatch.setattr(train.TrainCheckpoints, "save", save)
     resumed = train.fit(CONFIG, tmp_path / "w", splits=splits, max_steps=4, progress_bar=False)
     assert [r["epoch"] for r in resumed.history] == [1]
+    # It stopped at epoch 2's first step, which epoch 1's end had just saved: not saved again
+    # (a second save at a step replaces the first, leaving no checkpoint while it is written).
+    assert saves == [("best", 4), ("latest", 4)]
+    assert [p.name for p in (tmp_path / "w" / "checkpoints" / "latest").iterdir()] == ["4"]
 
 
 def test_har_train_exits_with_128_plus_the_signal_that_stopped_it(tmp_path, monkeypatch, capsys):
@@ -864,6 +880,27 @@ def test_har_train_resumes_with_the_saved_settings_and_refuses_others_before_the
     assert "which a resumed run cannot change: model.width: 0.35 saved, 1.0 requested" in err
     assert "har-train uses them when given no --config" in err
     assert sorted(p.name for p in (work / "tfds" / "har_kaggle").glob("*px-*")) == copies
+    # So are, before any data is prepared (here into an empty --download-dir): a changed
+    # train.epochs for an unfinished run, and a pretrained source that cannot load (in a new
+    # run too).
+    fresh = tmp_path / "fresh-tfds"
+    for workdir, settings, message in (
+        (work, ["--set", "train.epochs=5"], "holds an unfinished run of train.epochs=3"),
+        (tmp_path / "w2", ["--set", "model.pretrained=tflite"],
+         "the bundled ImageNet weights (model.pretrained='tflite') fit MobileNetV2 width 1.0 "
+         "only, not model.width=0.35"),
+        (tmp_path / "w2", ["--set", f"model.pretrained={tmp_path / 'nope.h5'}"],
+         f"pretrained source '{tmp_path / 'nope.h5'}' does not exist"),
+        (tmp_path / "w2", ["--set", "model.pretrained=imagenet"],
+         "pretrained source 'imagenet' does not exist; model.pretrained takes 'tflite'"),
+        (tmp_path / "w2", ["--set", f"model.pretrained={data_dir / 'Training_set.csv'}"],
+         "Training_set.csv' is neither 'tflite', 'none', a model directory"),
+    ):  # fmt: skip
+        argv = ["--data-dir", str(data_dir), "--workdir", str(workdir), "--no-progress",
+                "--download-dir", str(fresh), "--config", "tiny", *settings]  # fmt: skip
+        assert main(argv) == 1
+        assert message in capsys.readouterr().err
+        assert not any(fresh.rglob("*.array_record*"))
     # Without --config, or with the saved file as it, the run goes on with its own settings.
     for config in ([], ["--config", str(work / "config.json")]):
         assert main([*command, *config, "--set", "train.log_every_steps=3"]) == 0
@@ -882,6 +919,28 @@ def test_har_train_resumes_with_the_saved_settings_and_refuses_others_before_the
 
 
 # --- Units that mutation testing showed untested -------------------------------------------------
+
+
+def test_early_stopping_counts_stage_two_epochs_only():
+    tc = override(CONFIG, {"train.epochs": 8, "train.head_only_epochs": 3,
+                           "train.early_stopping_patience": 2}).train  # fmt: skip
+    progress = {"best_val_accuracy": -1.0, "best_epoch": 0, "epochs_without_improvement": 0,
+                "stopped_early": False, "finished": False}  # fmt: skip
+    # Stage 1 stalls for two epochs (its patience): it goes on to stage 2 all the same.
+    seen = []
+    for epoch, acc in enumerate([0.5, 0.4, 0.5, 0.45, 0.6, 0.55, 0.6]):
+        improved = train._track_early_stopping(
+            progress, acc, epoch, epoch < tc.head_only_epochs, tc
+        )
+        seen.append((improved, progress["epochs_without_improvement"], progress["finished"]))
+        if progress["finished"]:
+            break
+    assert seen == [
+        (True, 0, False), (False, 0, False), (False, 0, False),  # stage 1: no count
+        (False, 1, False), (True, 0, False), (False, 1, False), (False, 2, True),  # stage 2
+    ]  # fmt: skip
+    assert progress["stopped_early"] and progress["best_val_accuracy"] == 0.6
+    assert progress["best_epoch"] == 5
 
 
 def test_label_smoothing_is_applied(splits):

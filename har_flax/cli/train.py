@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     stopped it (with a checkpoint once training was set up): run it again to go on."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.max_steps is not None and args.max_steps < 0:
+        parser.error(f"--max-steps must be 0 or more (a global step), got {args.max_steps}")
     if not args.data_dir.is_dir():
         parser.error(f"--data-dir {args.data_dir} is not a directory")
     for flag, path in (("--workdir", args.workdir), ("--download-dir", args.download_dir)):

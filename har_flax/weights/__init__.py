@@ -27,6 +27,7 @@ KIND = "imagenet"
 __all__ = [
     "BUNDLED_TFLITE",
     "WeightPortError",
+    "check_pretrained_source",
     "check_tree",
     "expected_shapes",
     "imagenet_classes",
@@ -166,10 +167,47 @@ def _load_source(source: str | os.PathLike) -> tuple[dict, dict]:
         from har_flax.weights.keras_h5 import port_keras_h5
 
         return _backbone_of(port_keras_h5(path), str(path))
-    raise WeightPortError(
+    raise _unknown_source(source)
+
+
+def _unknown_source(source: str | os.PathLike) -> WeightPortError:
+    return WeightPortError(
         f"pretrained source {str(source)!r} is neither 'tflite', 'none', a model directory "
         "written by har-port-weights, a .tflite file nor a Keras .h5 file"
     )
+
+
+def check_pretrained_source(source: str | os.PathLike, width: float) -> None:
+    """Refuses at once, without loading anything, a source that could not load.
+
+    Training loads the weights after it has prepared the data (minutes for a data set at a new
+    image size): what this can tell from the name alone should not wait for that. A file of
+    the right kind may still fail to load then.
+
+    Raises:
+      ValueError (WeightPortError): an unknown kind of source, a file or directory that does
+        not exist, or the bundled weights (MobileNetV2 1.0) with another ``width``.
+    """
+    name = str(source)
+    if name == "none":
+        return
+    if name == "tflite":
+        if width != 1.0:
+            raise WeightPortError(
+                f"the bundled ImageNet weights (model.pretrained='tflite') fit MobileNetV2 width "
+                f"1.0 only, not model.width={width}; set model.width=1.0 or "
+                "model.pretrained='none'"
+            )
+        return
+    path = Path(source)
+    if not path.exists():
+        raise WeightPortError(
+            f"pretrained source {name!r} does not exist; model.pretrained takes 'tflite' (the "
+            "bundled weights), 'none', a model directory written by har-port-weights, a "
+            ".tflite file or a Keras .h5 file"
+        )
+    if not (path.is_dir() or path.suffix in (".tflite", ".h5", ".hdf5")):
+        raise _unknown_source(source)
 
 
 def load_pretrained_backbone(variables: Mapping, source: str | os.PathLike = "tflite") -> dict:
