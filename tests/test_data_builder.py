@@ -358,3 +358,41 @@ def test_a_changed_folder_s_new_copy_removes_its_old_copies_only(
     name = {b: Path(b.data_dir).parent.name for b in (first, second, third)}
     assert removed[0] == name[first]
     assert sorted(removed[1:]) == sorted([name[second], name[third], "32px-01d"])
+
+
+def test_what_killed_preparations_left_is_removed_once_abandoned(data_dir, tmp_path):
+    """tfds builds into <copy>/incomplete.<random>_1.0.0/; a kill (out of memory) leaves it."""
+    from har_flax.data.har_builder import _ABANDONED_BUILD_SECONDS, remove_stale_copies
+
+    shutil.copytree(data_dir, tmp_path / "data")
+    tfds_dir = tmp_path / "tfds"
+    first = prepare(tmp_path / "data", image_size=32, tfds_dir=tfds_dir, progress=False)
+    copy = Path(first.data_dir).parent
+    long_ago = time.time() - _ABANDONED_BUILD_SECONDS - 60
+
+    def leftover(folder, fresh=False):
+        shard = folder / "har_kaggle-test.array_record-00000-of-00001"
+        shard.parent.mkdir(parents=True)
+        shard.write_bytes(b"x" * 100)
+        if not fresh:
+            for p in (shard, shard.parent):
+                os.utime(p, (long_ago, long_ago))
+        return shard.parent
+
+    # In the copy in use: an abandoned build goes, one written lately (another run's) stays.
+    old, ongoing = (
+        leftover(copy / "incomplete.AAA_1.0.0"),
+        leftover(copy / "incomplete.BBB_1.0.0", fresh=True),
+    )
+    # A copy of this folder whose preparation never finished: it goes whole.
+    never = copy.with_name(copy.name.replace(copy.name.split("-")[1], "0never"))
+    leftover(never / "incomplete.CCC_1.0.0")
+    remove_stale_copies(first)
+    assert not old.exists() and ongoing.exists() and not never.exists()
+    assert HarKaggle(data_dir=os.fspath(tfds_dir), config=first.builder_config).is_prepared()
+
+    # Once the folder changes, the old copy goes with what builds left in it.
+    leftover(copy / "incomplete.DDD_1.0.0")
+    Image.new("RGB", (60, 50), (9, 99, 9)).save(tmp_path / "data" / "train" / "Image_1.jpg")
+    second = prepare(tmp_path / "data", image_size=32, tfds_dir=tfds_dir, progress=False)
+    assert not copy.exists() and Path(second.data_dir).exists()

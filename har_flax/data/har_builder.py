@@ -481,9 +481,15 @@ def remove_stale_copies(current: HarKaggle) -> list[Path]:
         # Copies named by fingerprint alone (made before places) are of the folder that their
         # metadata names: _is_stale_copy_of checks that.
         parts = copy.name.split("-")
-        if copy == here or parts[0] != size or parts[2:] not in ([where], []):
+        if parts[0] != size or parts[2:] not in ([where], []):
             continue
-        if not _is_stale_copy_of(copy, source, current.image_size):
+        if parts[2:] == [where] and copy.is_dir():
+            _remove_abandoned_builds(copy)
+            if copy != here and not any(copy.iterdir()):  # a preparation that never finished
+                _remove_tree(copy)
+                removed.append(copy)
+                continue
+        if copy == here or not _is_stale_copy_of(copy, source, current.image_size):
             continue
         nbytes = sum(f.stat().st_size for f in copy.rglob("*") if f.is_file())
         doomed = copy.with_name(f"{copy.name}{_REMOVING}{uuid.uuid4().hex[:8]}")
@@ -499,9 +505,34 @@ def remove_stale_copies(current: HarKaggle) -> list[Path]:
     return removed
 
 
+# tfds prepares into <copy>/incomplete.<random>_<version>/ and renames it when done: a kill
+# (out of memory: preparing holds a split in memory) leaves it. Nothing inside it changes while
+# the images decode (minutes for the Kaggle set, more on a slow disk), so only one untouched
+# this long is taken for abandoned: another run sharing the folder may be building it.
+_ABANDONED_BUILD_SECONDS = 3 * 3600
+_INCOMPLETE = "incomplete."
+
+
+def _remove_abandoned_builds(copy: Path) -> None:
+    """Deletes the unfinished build folders in ``copy`` untouched for _ABANDONED_BUILD_SECONDS."""
+    for build in copy.glob(f"{_INCOMPLETE}*"):
+        try:
+            newest = max(p.stat().st_mtime for p in [build, *build.rglob("*")])
+        except (OSError, ValueError):  # removed meanwhile
+            continue
+        if time.time() - newest > _ABANDONED_BUILD_SECONDS:
+            _remove_tree(build)
+            log.info("removed %s, left by a preparation that did not finish", build)
+
+
 def _is_stale_copy_of(copy: Path, source: Path, image_size: int) -> bool:
-    """Whether ``copy`` is a finished copy of ``source`` at ``image_size`` that no build uses."""
-    versions = [v for v in copy.iterdir() if v.is_dir()] if copy.is_dir() else []
+    """Whether ``copy`` is a finished copy of ``source`` at ``image_size`` that no build uses
+    (an unfinished build left in it goes with it)."""
+    versions = (
+        [v for v in copy.iterdir() if v.is_dir() and not v.name.startswith(_INCOMPLETE)]
+        if copy.is_dir()
+        else []
+    )
     if len(versions) != 1:  # not a copy this code made (or tfds is preparing it)
         return False
     try:
