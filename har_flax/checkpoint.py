@@ -57,18 +57,35 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     The file gets the permissions ``open`` would give it (0o666 less the umask), not the
     temporary file's private 0o600: reports and models are for others to read too.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    atomic_write_files({path: data})
+
+
+def atomic_write_files(files: dict[str | os.PathLike, bytes]) -> None:
+    """Writes several files as one: each to a temporary file beside it, all of them to disk,
+    and only then each renamed over its path.
+
+    A failure while writing (a full disk) replaces none of them, so a set of files that
+    belong together (a report, its charts and its submission) is never left half old, half
+    new; only the renames, a few microseconds that need no disk space, come one by one.
+    Permissions as :func:`atomic_write_bytes`.
+    """
+    written: list[tuple[str, Path]] = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, data in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            written.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
+                os.fsync(f.fileno())
+        for tmp, path in written:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in written:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from har_flax import sharding
-from har_flax.checkpoint import atomic_write_bytes, load_model
+from har_flax.checkpoint import atomic_write_files, load_model
 from har_flax.config import Config, ModelConfig
 from har_flax.data import kaggle
 from har_flax.models import create_model, init_variables
@@ -394,9 +394,10 @@ def write_report(
 ) -> dict[str, Path]:
     """Writes report.json, report.md, the two PNGs and ``submission`` (submission.csv).
 
-    Every file's content is made before the first is written, and each is written atomically:
-    a failure leaves the previous report whole. Without a ``submission``, a submission.csv
-    left there by an earlier report is removed (it came from another model).
+    Every file's content is made, then every file written to disk, before the first replaces
+    its old version (``atomic_write_files``): a failure leaves the previous report whole, not
+    half old, half new. Without a ``submission``, a submission.csv left there by an earlier
+    report is removed (it came from another model).
 
     Returns:
       {"json", "markdown", "confusion", "per_class"[, "submission"]}: the paths written.
@@ -410,8 +411,7 @@ def write_report(
     }
     if submission is not None:
         contents["submission"] = (out_dir / SUBMISSION_CSV, submission.encode())
-    for path, data in contents.values():
-        atomic_write_bytes(path, data)
+    atomic_write_files(dict(contents.values()))
     if submission is None:
         (out_dir / SUBMISSION_CSV).unlink(missing_ok=True)
     return {key: path for key, (path, _) in contents.items()}

@@ -6,6 +6,8 @@ import csv
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 import types
 
 import jax
@@ -250,6 +252,34 @@ def test_failure_after_inference_leaves_the_previous_report(run, tmp_path, monke
     with pytest.raises(RuntimeError, match="plotting failed"):
         ev.evaluate(run.work, run.data, out, splits=run.splits, probe="none")
     _assert_old_report(out)
+
+
+def test_a_disk_full_while_writing_leaves_the_previous_report_whole(run, tmp_path):
+    """A write that fails part-way (here a file-size limit: EFBIG, as ENOSPC would) must not
+    leave a report half new: the new report.json beside the old submission.csv."""
+    new = tmp_path / "new"
+    report = ev.evaluate(run.work, run.data, new, splits=run.splits, probe="none")
+    sizes = {p.name: p.stat().st_size for p in new.iterdir()}
+    limit = max(sizes["report.json"], sizes["report.md"], sizes["submission.csv"]) + 100
+    assert sizes["confusion_matrix.png"] > limit  # so that one cannot be written
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    out = tmp_path / "report"
+    _old_report(out)
+    code = f"""
+import json, resource, signal, sys
+from har_flax import evaluate as ev
+report = json.load(open({str(tmp_path / "report.json")!r}))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+try:
+    ev.write_report(report, {str(out)!r}, submission="filename,label\\nImage_1.jpg,new\\n")
+except OSError as e:
+    print("failed:", e.strerror)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.stdout.strip() == "failed: File too large", proc.stdout + proc.stderr
+    _assert_old_report(out)  # every file the old one, and no temporary file left
 
 
 def test_bad_probe_fails_before_inference(run, tmp_path, monkeypatch):

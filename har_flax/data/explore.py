@@ -442,15 +442,15 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
     Returns:
       {"json": path, "markdown": path, "chart": path}.
     """
-    from har_flax.checkpoint import atomic_write_bytes, atomic_write_text  # noqa: PLC0415
+    from har_flax.checkpoint import atomic_write_files  # noqa: PLC0415
 
     out = Path(out_dir)
     paths = {"json": out / JSON_FILE, "markdown": out / MARKDOWN_FILE, "chart": out / CHART_FILE}
-    # All three made before any is written: a report that fails to render leaves none behind.
-    text = json.dumps(report, indent=2) + "\n"
-    markdown = to_markdown(report)
-    chart = to_png(report)
-    atomic_write_text(paths["json"], text)
-    atomic_write_text(paths["markdown"], markdown)
-    atomic_write_bytes(paths["chart"], chart)
+    # All three made, then all written, before any replaces an earlier report's: a report that
+    # fails to render or to write leaves the earlier one whole, or none.
+    atomic_write_files({
+        paths["json"]: (json.dumps(report, indent=2) + "\n").encode(),
+        paths["markdown"]: to_markdown(report).encode(),
+        paths["chart"]: to_png(report),
+    })  # fmt: skip
     return paths
