@@ -781,6 +781,16 @@ def _fit(
     if saved_epochs is not None and not progress["finished"]:
         ckpts.close()
         raise ValueError(_epochs_refusal(workdir, saved_epochs, tc.epochs))
+    if _patience_used_up(progress, tc):  # resumed with a lower train.early_stopping_patience
+        log.info(
+            "early stopping: no val-accuracy gain for %d epochs, train.early_stopping_patience "
+            "is now %d; the best model is %s",
+            progress["epochs_without_improvement"],
+            tc.early_stopping_patience,
+            workdir / MODEL_DIR,
+        )
+        ckpts.close()
+        return result(False)
     if progress["finished"]:
         log.info("%s already finished; nothing to do", workdir)
         if tc.epochs > progress["epoch"] and not progress["stopped_early"]:
@@ -952,6 +962,17 @@ def _track_early_stopping(
         progress["stopped_early"] = True
     progress["finished"] = progress["stopped_early"] or epoch + 1 == tc.epochs
     return improved
+
+
+def _patience_used_up(progress: dict[str, Any], tc: TrainConfig) -> bool:
+    """Whether a resumed run stops at once because a lowered ``early_stopping_patience`` is
+    already used up (the rule is otherwise applied only as an epoch ends, so the run would
+    train another epoch first). Marks ``progress`` stopped early and finished if so; nothing
+    is saved (the latest checkpoint holds this state: each rerun decides the same)."""
+    if progress["finished"] or progress["epochs_without_improvement"] < tc.early_stopping_patience:
+        return False
+    progress["stopped_early"] = progress["finished"] = True
+    return True
 
 
 def _new_sums() -> dict[str, float]:

@@ -943,6 +943,17 @@ def test_early_stopping_counts_stage_two_epochs_only():
     assert progress["best_epoch"] == 5
 
 
+def test_a_resume_with_a_patience_already_used_up_stops_at_once():
+    progress = {"epochs_without_improvement": 2, "stopped_early": False, "finished": False}
+    lowered = override(CONFIG, {"train.early_stopping_patience": 2}).train
+    kept = override(CONFIG, {"train.early_stopping_patience": 3}).train
+    assert not train._patience_used_up(dict(progress), kept)
+    assert not train._patience_used_up({**progress, "finished": True}, lowered)
+    stopped = dict(progress)
+    assert train._patience_used_up(stopped, lowered)
+    assert stopped["stopped_early"] and stopped["finished"]
+
+
 def test_label_smoothing_is_applied(splits):
     """The step's loss is the label-smoothed cross-entropy, not the plain one (a setting that
     did nothing would not show)."""
