@@ -34,7 +34,16 @@ class BatcherClosedError(RuntimeError):
 class Ticket:
     """One queued request: its sample, its deadline, and (later) its result or error."""
 
-    __slots__ = ("sample", "deadline", "enqueued", "batch_size", "_done", "_result", "_error")
+    __slots__ = (
+        "sample",
+        "deadline",
+        "enqueued",
+        "batch_size",
+        "_done",
+        "_finishing",
+        "_result",
+        "_error",
+    )
 
     def __init__(self, sample: Any, deadline: float | None):
         self.sample = sample
@@ -42,6 +51,7 @@ class Ticket:
         self.enqueued = time.monotonic()
         self.batch_size = 0  # Size of the model call that answered it (0 = never ran).
         self._done = threading.Event()
+        self._finishing = threading.Lock()
         self._result: Any = None
         self._error: BaseException | None = None
 
@@ -53,11 +63,17 @@ class Ticket:
         return self.deadline is not None and now >= self.deadline
 
     def _finish(self, result: Any = None, error: BaseException | None = None) -> bool:
-        """Sets the outcome once; later calls are ignored (a cancel racing a result)."""
-        if self._done.is_set():
-            return False
-        self._result, self._error = result, error
-        self._done.set()
+        """Sets the outcome once; later calls are ignored (a cancel racing a result).
+
+        Returns:
+          True for the one call that set it. Under a lock: a cancel and a deadline drop at the
+          same instant must not both count as har_batch_dropped_total.
+        """
+        with self._finishing:
+            if self._done.is_set():
+                return False
+            self._result, self._error = result, error
+            self._done.set()
         return True
 
     def result(self, timeout: float | None = None) -> Any:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 MiB = 1024 * 1024
+# Handler threads without batching (or with a --max-batch-size small enough).
+DEFAULT_WORKERS = 16
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -14,7 +18,11 @@ class ServerConfig:
     model: str | None = None  # Model directory; None = the built-in ImageNet MobileNetV2.
     host: str = "[::]"  # Address to bind ("[::]" = every interface, IPv4 and IPv6).
     port: int = 50051  # 0 = any free port (the bound one is logged: "listening on HOST:PORT").
-    workers: int = 16  # gRPC handler threads (decode runs in them, in parallel).
+    # gRPC handler threads for Predict: each decodes its request, then holds its thread until
+    # the model answers, so with batching no batch can be larger than this. None = auto
+    # (resolved_workers): DEFAULT_WORKERS without batching, else enough for model_threads
+    # batches of max_batch_size to run while as many wait or decode (batching_workers).
+    workers: int | None = None
     max_message_bytes: int = 16 * MiB  # Per message; the gRPC default 4 MiB rejects phone photos.
     # Image limits handed to the Predictor (None = the Predictor's own default).
     max_image_bytes: int | None = None  # Encoded bytes of one image.
@@ -58,7 +66,10 @@ class ServerConfig:
     def __post_init__(self):
         checks = [
             (0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}"),
-            (self.workers >= 1, f"workers must be at least 1, got {self.workers}"),
+            (
+                self.workers is None or self.workers >= 1,
+                f"workers must be at least 1, got {self.workers}",
+            ),
             (
                 self.max_message_bytes >= 1024,
                 f"max_message_bytes must be at least 1024, got {self.max_message_bytes}",
@@ -101,7 +112,37 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
+        from har_flax.images import pillow_max_pixels  # noqa: PLC0415 (Pillow only when used)
+
+        ceiling = pillow_max_pixels()
+        if self.max_pixels is not None and ceiling is not None and self.max_pixels > ceiling:
+            # Pillow refuses such frames itself, whatever max_pixels says.
+            raise ValueError(
+                f"max_pixels {self.max_pixels:,} is over {ceiling:,}, the most pixels per frame "
+                f"the image decoder (Pillow) opens; set max_pixels (--max-pixels) to at most "
+                f"{ceiling}"
+            )
         self.image_limits()  # ImageLimits refuses a max_total_pixels under max_pixels.
+
+    def resolved_workers(self, backend: str) -> int:
+        """Handler threads on `backend` ("cpu", "gpu", "tpu"): `workers` if set, else
+        DEFAULT_WORKERS without batching (the model then runs in the handler threads) and
+        :meth:`batching_workers` with it. The backend matters only for batching "auto"."""
+        if self.workers is not None:
+            return self.workers
+        return self.batching_workers() if self._batches_on(backend) else DEFAULT_WORKERS
+
+    def _batches_on(self, backend: str) -> bool:
+        return self.batching if self.batching is not None else backend != "cpu"
+
+    def batching_workers(self) -> int:
+        """Handler threads that keep batches of `max_batch_size` full.
+
+        A Predict call holds its handler thread until the model answers, so a batch can only
+        be as large as the number of threads: `model_threads` full batches in the model, and as
+        many again waiting or decoding, so the next batches are full when the model is free.
+        """
+        return max(DEFAULT_WORKERS, (self.model_threads + 1) * self.max_batch_size)
 
     def image_limits(self):
         """The Predictor's ImageLimits: its own defaults where a field is None.
@@ -123,8 +164,25 @@ class ServerConfig:
         return ImageLimits(**{k: v for k, v in given.items() if v is not None})
 
     def use_batching(self, backend: str) -> bool:
-        """Whether to batch on `backend` ("cpu", "gpu", "tpu"): the setting, or auto."""
-        return self.batching if self.batching is not None else backend != "cpu"
+        """Whether to batch on `backend` ("cpu", "gpu", "tpu"): the setting, or auto.
+
+        Batching on, it logs a warning when `workers` caps batches below `max_batch_size`.
+        """
+        batching = self._batches_on(backend)
+        workers = self.resolved_workers(backend)
+        if batching and workers < self.max_batch_size:
+            log.warning(
+                "--workers %d is below --max-batch-size %d: each request waiting for the model "
+                "holds a handler thread, so no batch will be larger than %d and the larger "
+                "compiled batch sizes go unused; raise --workers to %d (or leave it unset), or "
+                "lower --max-batch-size to %d",
+                workers,
+                self.max_batch_size,
+                workers,
+                self.batching_workers(),
+                workers,
+            )
+        return batching
 
     def batch_sizes(self, batching: bool) -> tuple[int, ...]:
         """The compiled buckets: powers of two below max_batch_size, then max_batch_size."""

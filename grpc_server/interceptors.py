@@ -20,7 +20,7 @@ from concurrent import futures
 import grpc
 from google.protobuf.message import DecodeError
 
-from grpc_server.errors import RpcFailure
+from grpc_server.errors import RpcFailure, unavailable
 from grpc_server.metrics import Metrics
 from har_flax.images import human_bytes
 
@@ -37,6 +37,8 @@ OPEN_METHODS = (
 )
 RATE_LIMITED_PREFIX = "/har.v1."
 PREDICT = "/har.v1.ActionRecognition/Predict"
+# Calls refused once the server is shutting down (health answers NOT_SERVING instead).
+DRAINED_METHODS = (PREDICT, "/har.v1.ActionRecognition/Classes")
 # Calls that never block (no model, no waiting on the client): they run on a small pool of their
 # own, so probes and Classes answer even while every handler thread is busy with Predict.
 FAST_METHODS = (
@@ -57,6 +59,10 @@ UNKNOWN_METHOD = "unknown"
 _call_fields: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "har_call_fields", default=None
 )
+# When the current call reached the server (time.perf_counter()), set by AccessLogInterceptor.
+_call_arrival: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "har_call_arrival", default=None
+)
 
 
 def annotate(**fields) -> None:
@@ -64,6 +70,16 @@ def annotate(**fields) -> None:
     current = _call_fields.get()
     if current is not None:
         current.update(fields)
+
+
+def call_arrival() -> float:
+    """time.perf_counter() when the current call reached the server (now, outside a call).
+
+    Earlier than the handler's start by the time the call waited for a handler thread, which
+    is what an overloaded server's clients wait for.
+    """
+    arrived = _call_arrival.get()
+    return time.perf_counter() if arrived is None else arrived
 
 
 def _is_open(method: str) -> bool:
@@ -99,25 +115,37 @@ def _replace_behavior(
     )
 
 
-def _reject(failure: RpcFailure, pool: futures.ThreadPoolExecutor | None = None):
-    """A behaviour decorator that ends the call with `failure` without running it.
+def _refusal(
+    handler: grpc.RpcMethodHandler, failure: RpcFailure, pool: futures.ThreadPoolExecutor
+) -> grpc.RpcMethodHandler:
+    """A handler for `handler`'s method that ends the call with `failure` without reading it.
+
+    gRPC Python reads a unary request whole, on the pool thread, before the behaviour runs: a
+    refused client uploading slowly would hold that thread for its whole upload, and a few such
+    clients every thread of the pool. Installed as request-streaming, the refusal ends the call
+    before a byte of the request is read, so the client hears it at once, mid-upload; a unary
+    client cannot tell (both kinds are the same HTTP/2 stream on the wire).
 
     Args:
+      handler: the method's own handler (its serializers are kept).
       failure: the status to end the call with.
-      pool: run the refusal there (so it does not wait for a busy handler thread); None keeps
-        the call's own pool.
+      pool: where the refusal runs (a few threads, which it holds for microseconds).
     """
 
-    def decorate(behavior, response_streaming):
-        def rejected(request, context, *rest):
-            annotate(reason=failure.reason)
-            context.abort_with_status(failure.to_status())
+    def rejected(requests, context):
+        annotate(reason=failure.reason)
+        context.abort_with_status(failure.to_status())
 
-        if pool is not None:
-            rejected.experimental_thread_pool = pool
-        return rejected
-
-    return decorate
+    rejected.experimental_thread_pool = pool
+    if handler.response_streaming:
+        factory = grpc.stream_stream_rpc_method_handler
+    else:
+        factory = grpc.stream_unary_rpc_method_handler
+    return factory(
+        rejected,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def run_on(pool: futures.ThreadPoolExecutor):
@@ -143,14 +171,15 @@ class AuthInterceptor(grpc.ServerInterceptor):
     """Requires `authorization: Bearer <token>` metadata on every non-open method.
 
     The scheme is matched in any case (`bearer`, `BEARER`: RFC 7235 makes it case-insensitive);
-    the token is compared in constant time. A refusal runs on `fast_pool`: a client without the
-    token neither waits for a handler thread nor holds one of the places that --max-queue
-    keeps for Predict calls.
+    the token is compared in constant time. A refusal runs on `refusal_pool` without reading the
+    request (see `_refusal`): a client without the token neither waits for a handler thread,
+    nor holds one of the places that --max-queue keeps for Predict calls, nor holds a thread
+    for as long as it takes to upload its request.
     """
 
-    def __init__(self, token: str, fast_pool: futures.ThreadPoolExecutor):
+    def __init__(self, token: str, refusal_pool: futures.ThreadPoolExecutor):
         self._expected = token.encode()
-        self._fast = fast_pool
+        self._refusals = refusal_pool
 
     def _valid(self, value: str) -> bool:
         scheme, _, credentials = value.strip().partition(" ")
@@ -171,7 +200,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             else "invalid bearer token"
         )
         failure = RpcFailure(grpc.StatusCode.UNAUTHENTICATED, message, reason="UNAUTHENTICATED")
-        return _replace_behavior(handler, _reject(failure, pool=self._fast))
+        return _refusal(handler, failure, self._refusals)
 
 
 def peer_host(peer: str) -> str:
@@ -264,18 +293,25 @@ class CountingThreadPool(futures.ThreadPoolExecutor):
 
 
 class AdmissionInterceptor(grpc.ServerInterceptor):
-    """Picks the thread pool for each call and refuses Predict when the handler pool is full.
+    """Picks the thread pool for each call; refuses Predict when the handler pool is full, and
+    Predict and Classes once the server is shutting down.
 
     Runs in gRPC's polling thread as each call arrives, before it is queued for a thread, so
-    the decision is made before the call can wait. Cheap calls (FAST_METHODS) and refusals run on
-    `fast_pool`; Predict (and reflection) on the server's handler pool. A Predict that finds
-    `limit` calls already running or waiting there is RESOURCE_EXHAUSTED / OVERLOADED with a
-    RetryInfo at once, logged and counted by the access log like any other error. (gRPC's own
+    the decisions are made before the call can wait. Cheap calls (FAST_METHODS) run on
+    `fast_pool`, refusals on `refusal_pool` (without reading the request, see `_refusal`),
+    Predict (and reflection) on the server's handler pool. A Predict that finds `limit` calls
+    already running or waiting there is RESOURCE_EXHAUSTED / OVERLOADED with a RetryInfo at
+    once, logged and counted by the access log like any other error. (gRPC's own
     `maximum_concurrent_rpcs` would refuse it bare, unlogged, and count health checks too.)
+
+    Once `drain` is called, Predict and Classes calls that arrive are UNAVAILABLE /
+    SHUTTING_DOWN; those that arrived before run as usual, even if they still wait for a
+    handler thread (they finish within the server's grace period).
 
     Args:
       pool: the server's handler pool (its `pending` count is bounded).
-      fast_pool: the pool for cheap calls and refusals.
+      fast_pool: the pool for cheap calls.
+      refusal_pool: the pool for refusals.
       limit: the most calls running or waiting in `pool` (--workers + --max-queue).
       retry_after_s: the RetryInfo delay of a refusal.
     """
@@ -284,19 +320,32 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         self,
         pool: CountingThreadPool,
         fast_pool: futures.ThreadPoolExecutor,
+        refusal_pool: futures.ThreadPoolExecutor,
         limit: int,
         retry_after_s: float = 0.5,
     ):
         self._pool = pool
         self._fast = fast_pool
+        self._refusals = refusal_pool
         self.limit = limit
         self.retry_after_s = retry_after_s
+        self._draining = threading.Event()
+
+    def drain(self) -> None:
+        """Refuses Predict and Classes calls that arrive from now on (UNAVAILABLE)."""
+        self._draining.set()
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
+        if method in DRAINED_METHODS and self._draining.is_set():
+            failure = unavailable(
+                "the server is shutting down; retry and another replica will answer",
+                reason="SHUTTING_DOWN",
+            )
+            return _refusal(handler, failure, self._refusals)
         if method.startswith(FAST_METHODS):
             return _replace_behavior(handler, run_on(self._fast))
         if method == PREDICT and self._pool.pending >= self.limit:
@@ -307,7 +356,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
                 reason="OVERLOADED",
                 retry_after_s=self.retry_after_s,
             )
-            return _replace_behavior(handler, _reject(failure, pool=self._fast))
+            return _refusal(handler, failure, self._refusals)
         return handler
 
 
@@ -322,14 +371,14 @@ class ReflectionInterceptor(grpc.ServerInterceptor):
     every open one at shutdown, so none holds the server for its grace period.
 
     Args:
-      fast_pool: where refusals run.
+      refusal_pool: where refusals run.
       max_streams: reflection streams open at once (grpcurl opens one per command).
       idle_s: seconds a stream may wait for its next request.
     """
 
-    def __init__(self, fast_pool: futures.ThreadPoolExecutor, max_streams: int, idle_s: float):
+    def __init__(self, refusal_pool: futures.ThreadPoolExecutor, max_streams: int, idle_s: float):
         self._pool = CountingThreadPool(max_streams, thread_name_prefix="grpc-reflection")
-        self._fast = fast_pool
+        self._refusals = refusal_pool
         self.max_streams = max_streams
         self.idle_s = idle_s
         self._open: set = set()  # The contexts of open streams.
@@ -348,7 +397,7 @@ class ReflectionInterceptor(grpc.ServerInterceptor):
                 reason="TOO_MANY_STREAMS",
                 retry_after_s=1.0,
             )
-            return _replace_behavior(handler, _reject(failure, pool=self._fast))
+            return _refusal(handler, failure, self._refusals)
 
         def decorate(behavior, response_streaming):
             def guarded(requests, context, *rest):
@@ -520,12 +569,20 @@ def _final_code(context: grpc.ServicerContext, raised: bool) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN if raised else grpc.StatusCode.OK
 
 
+def _plain(text: str) -> bool:
+    return bool(text) and '"' not in text and all(c.isprintable() and not c.isspace() for c in text)
+
+
 def format_access_line(fields: dict) -> str:
-    """One request as one `key=value ...` line (values with spaces are quoted)."""
+    """One request as one `key=value ...` line.
+
+    A value with whitespace, quotes or unprintable characters is JSON-quoted (escaped), so no
+    value, not even a method name a client made up, can end the line or forge another field.
+    """
     parts = []
     for key, value in fields.items():
         text = f"{value:.2f}" if isinstance(value, float) else str(value)
-        parts.append(f"{key}={json.dumps(text) if (' ' in text or not text) else text}")
+        parts.append(f"{key}={text if _plain(text) else json.dumps(text)}")
     return " ".join(parts)
 
 
@@ -534,9 +591,11 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
 
     Outermost, so calls refused by auth, the rate limit, admission or the message size limit are
     logged and counted too, and so are calls to a method the server does not have
-    (UNIMPLEMENTED, counted under method="unknown"). Never logs request or response bodies (no
-    image bytes in logs). The fields also travel as `record.fields`, which the JSON log format
-    writes as one object.
+    (UNIMPLEMENTED, counted under method="unknown"). Latency runs from the call's arrival (this
+    interceptor runs then, in gRPC's polling thread), so time spent waiting for a handler
+    thread is in it; `call_arrival` gives the servicer the same start. Never logs request or
+    response bodies (no image bytes in logs). The fields also travel as `record.fields`, which
+    the JSON log format writes as one object.
     """
 
     def __init__(self, metrics: Metrics | None):
@@ -569,6 +628,7 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
         access_log.info(format_access_line(line), extra={"fields": line})
 
     def intercept_service(self, continuation, handler_call_details):
+        arrived = time.perf_counter()
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None:
@@ -581,21 +641,21 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
 
         def decorate(behavior, response_streaming):
             def logged(request, context):
-                start = time.perf_counter()
                 fields: dict = {}
-                token = _call_fields.set(fields)
+                token, arrival_token = _call_fields.set(fields), _call_arrival.set(arrived)
                 if self._metrics is not None:
                     self._metrics.in_flight.inc()
                 try:
                     result = behavior(request, context)
                 except BaseException:
-                    self._record(method, context, start, fields, raised=True)
+                    self._record(method, context, arrived, fields, raised=True)
                     raise
                 finally:
                     _call_fields.reset(token)
+                    _call_arrival.reset(arrival_token)
                 if response_streaming:
-                    return self._stream(result, method, context, start, fields)
-                self._record(method, context, start, fields, raised=False)
+                    return self._stream(result, method, context, arrived, fields)
+                self._record(method, context, arrived, fields, raised=False)
                 return result
 
             return logged

@@ -93,7 +93,13 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add_switch("--no-warmup", "skip compiling every batch size before SERVING")
     add("--host", default=d.host, help="address to bind (default: %(default)s)")
     add("--port", type=int, default=d.port, help="port; 0 picks a free one (default: %(default)s)")
-    add("--workers", type=int, default=d.workers, help="handler threads (default: %(default)s)")
+    add(
+        "--workers",
+        type=int,
+        default=None,
+        help="handler threads for Predict (default: 16, or (--model-threads + 1) x "
+        "--max-batch-size when batching is on, so that batches fill up)",
+    )
     add(
         "--max-message-bytes",
         type=int,

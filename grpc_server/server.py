@@ -37,8 +37,12 @@ from har_flax.proto.har.v1 import har_pb2, har_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = har_pb2.DESCRIPTOR.services_by_name["ActionRecognition"].full_name
-# Threads for calls that never block (health, Classes, refusals), apart from the handler threads.
+# Threads for calls that never block (health, Classes), apart from the handler threads.
 FAST_THREADS = 4
+# Threads for refusals (no token, overloaded, shutting down), apart from the probes' threads: a
+# refusal never reads the request and holds its thread for microseconds, but a flood of them
+# (a client retrying without its token) must not queue ahead of health checks.
+REFUSAL_THREADS = 2
 # gRPC's own limits, kept only as safety nets far above the ones the server enforces (and logs):
 # a message over MESSAGE_CEILING x --max-message-bytes, or more than concurrency_ceiling() calls
 # at once, is refused by gRPC without running a handler, and no server hook reports that, so it
@@ -180,16 +184,21 @@ class HarServer:
         )
         self.health = EndableHealthServicer()
         self.port: int | None = None
+        self.workers: int | None = None  # handler threads, once started (resolved_workers)
         self.metrics_port: int | None = None
         self._metrics_httpd = None
         self._server: grpc.Server | None = None
-        self._pools: tuple[CountingThreadPool, futures.ThreadPoolExecutor] | None = None
+        self._pools: tuple[futures.ThreadPoolExecutor, ...] = ()
         self._reflection: ReflectionInterceptor | None = None
+        self._admission: AdmissionInterceptor | None = None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
 
     def _interceptors(
-        self, pool: CountingThreadPool, fast_pool: futures.ThreadPoolExecutor
+        self,
+        pool: CountingThreadPool,
+        fast_pool: futures.ThreadPoolExecutor,
+        refusal_pool: futures.ThreadPoolExecutor,
     ) -> list[grpc.ServerInterceptor]:
         # Order matters: the first is outermost, so refused calls are still logged and counted.
         c = self.config
@@ -198,11 +207,14 @@ class HarServer:
             MessageSizeInterceptor(c.max_message_bytes),
         ]
         if c.auth_token:
-            chain.append(AuthInterceptor(c.auth_token, fast_pool))
+            chain.append(AuthInterceptor(c.auth_token, refusal_pool))
         if c.rate_limit > 0:
             chain.append(RateLimitInterceptor(c.rate_limit, c.rate_burst))
         # Innermost, so an unauthenticated or rate-limited client hears that, not OVERLOADED.
-        chain.append(AdmissionInterceptor(pool, fast_pool, limit=c.workers + c.max_queue))
+        self._admission = AdmissionInterceptor(
+            pool, fast_pool, refusal_pool, limit=self.workers + c.max_queue
+        )
+        chain.append(self._admission)
         if self._reflection is not None:
             chain.append(self._reflection)
         return chain
@@ -235,21 +247,27 @@ class HarServer:
                 round(c.keepalive_min_interval_s * 1000),
             ),
         ]
-        pool = CountingThreadPool(max_workers=c.workers, thread_name_prefix="grpc")
+        # Batching "auto" with workers unset: the backend decides (imports JAX, which the
+        # model's loading needs next anyway).
+        self.workers = c.resolved_workers(
+            default_backend() if c.workers is None and c.batching is None else "cpu"
+        )
+        pool = CountingThreadPool(max_workers=self.workers, thread_name_prefix="grpc")
         fast_pool = futures.ThreadPoolExecutor(FAST_THREADS, thread_name_prefix="grpc-fast")
-        self._pools = (pool, fast_pool)
+        refusal_pool = futures.ThreadPoolExecutor(REFUSAL_THREADS, thread_name_prefix="grpc-refuse")
+        self._pools = (pool, fast_pool, refusal_pool)
         if c.reflection_streams:
             self._reflection = ReflectionInterceptor(
-                fast_pool, max_streams=c.reflection_streams, idle_s=c.reflection_idle_s
+                refusal_pool, max_streams=c.reflection_streams, idle_s=c.reflection_idle_s
             )
         server = grpc.server(
             pool,
-            interceptors=self._interceptors(pool, fast_pool),
+            interceptors=self._interceptors(pool, fast_pool, refusal_pool),
             options=options,
             # AdmissionInterceptor bounds Predict (workers + max_queue) with a proper
             # OVERLOADED reply; gRPC's bare limit, which counts health checks too, is only a
             # safety net far above it.
-            maximum_concurrent_rpcs=concurrency_ceiling(c.workers, c.max_queue),
+            maximum_concurrent_rpcs=concurrency_ceiling(self.workers, c.max_queue),
         )
         har_pb2_grpc.add_ActionRecognitionServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -283,7 +301,7 @@ class HarServer:
         server.start()
         self._server, self.port = server, port
         scheme = "tls" if c.tls else "plaintext"
-        log.info("listening on %s:%d (%s)", c.host, port, scheme)
+        log.info("listening on %s:%d (%s, %d handler threads)", c.host, port, scheme, self.workers)
         if self.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", c.metrics_host, self.metrics_port)
         return port
@@ -321,10 +339,10 @@ class HarServer:
     def stop(self, grace_s: float | None = None, drain_s: float | None = None) -> None:
         """Graceful shutdown; safe to call twice.
 
-        Health goes NOT_SERVING first and new Predict/Classes calls get UNAVAILABLE; after
-        `drain_s` (so load balancers notice) the port closes and open health Watch and
-        reflection streams end (they would otherwise hold shutdown for the whole grace); calls
-        already running get
+        Health goes NOT_SERVING first and Predict/Classes calls arriving from then on get
+        UNAVAILABLE; after `drain_s` (so load balancers notice) the port closes and open health
+        Watch and reflection streams end (they would otherwise hold shutdown for the whole
+        grace); calls that arrived before (running, or still waiting for a handler thread) get
         `grace_s` to finish, then are cancelled.
         """
         with self._stop_lock:
@@ -335,6 +353,8 @@ class HarServer:
         drain_s = self.config.drain_s if drain_s is None else drain_s
         log.info("shutting down: NOT_SERVING, draining %.1f s, grace %.1f s", drain_s, grace_s)
         self.health.enter_graceful_shutdown()
+        if self._admission is not None:
+            self._admission.drain()
         self.servicer.drain()
         self.metrics.ready.set(0)
         if drain_s > 0:
@@ -348,9 +368,8 @@ class HarServer:
                 log.info("ended %d reflection stream(s)", streams)
             stopped.wait()
         self.servicer.close(timeout=grace_s + 1)
-        if self._pools is not None:
-            for pool in self._pools:
-                pool.shutdown(wait=False)
+        for pool in self._pools:
+            pool.shutdown(wait=False)
         if self._reflection is not None:
             self._reflection.shutdown()
         if self._metrics_httpd is not None:

@@ -20,7 +20,7 @@ from grpc_server.batcher import (
     QueueFullError,
 )
 from grpc_server.errors import RpcFailure, handle_failures, invalid_argument, unavailable
-from grpc_server.interceptors import annotate
+from grpc_server.interceptors import annotate, call_arrival
 from har_flax.images import ImageError, ImageTooLargeError, PrepareCancelled
 from har_flax.proto.har.v1 import har_pb2, har_pb2_grpc
 
@@ -57,7 +57,10 @@ def image_failure(error: ImageError) -> RpcFailure:
 class ActionRecognitionServicer(har_pb2_grpc.ActionRecognitionServicer):
     """Answers Health, Classes and Predict from a Predictor attached once it has warmed up.
 
-    Until `attach` (and after `drain`) Health says NOT_SERVING and the others are UNAVAILABLE.
+    Until `attach` Health says NOT_SERVING and the others are UNAVAILABLE; after `drain` Health
+    says NOT_SERVING (new Predict and Classes calls are refused as they arrive, by
+    grpc_server.interceptors.AdmissionInterceptor: a call that arrived earlier and still waits
+    for a handler thread must run when it gets one).
 
     Args:
       max_batch_size, max_wait_us, max_queue, model_threads: the batcher's settings.
@@ -108,7 +111,7 @@ class ActionRecognitionServicer(har_pb2_grpc.ActionRecognitionServicer):
             self._info = model_info_proto(predictor.info)
 
     def drain(self) -> None:
-        """Refuses new Predict and Classes calls (UNAVAILABLE); calls already running go on."""
+        """Health says NOT_SERVING from now on; Predict and Classes still answer."""
         with self._lock:
             self._draining = True
 
@@ -119,11 +122,6 @@ class ActionRecognitionServicer(har_pb2_grpc.ActionRecognitionServicer):
 
     def _serving(self):
         with self._lock:
-            if self._draining:
-                raise unavailable(
-                    "the server is shutting down; retry and another replica will answer",
-                    reason="SHUTTING_DOWN",
-                )
             if self._predictor is None:
                 raise unavailable(
                     "the model is still loading; retry in a few seconds (watch grpc.health.v1 "
@@ -149,7 +147,7 @@ class ActionRecognitionServicer(har_pb2_grpc.ActionRecognitionServicer):
 
     @handle_failures
     def Predict(self, request, context):
-        start = time.perf_counter()
+        arrived = call_arrival()  # latency_ms counts the wait for a handler thread too
         predictor, batcher, info = self._serving()
         num_classes = len(predictor.classes)
         images = list(request.images)
@@ -199,7 +197,7 @@ class ActionRecognitionServicer(har_pb2_grpc.ActionRecognitionServicer):
                 har_pb2.Prediction(action=name, confidence=float(p)) for name, p in top
             ],
             model=info,
-            latency_ms=(time.perf_counter() - start) * 1e3,
+            latency_ms=(time.perf_counter() - arrived) * 1e3,
             num_frames=frames,
         )
 

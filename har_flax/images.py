@@ -59,13 +59,23 @@ def human_bytes(n: int) -> str:
     return f"{n / _MIB:.1f} MiB" if n >= _MIB else f"{n / 1024:.0f} KiB"
 
 
+def pillow_max_pixels() -> int | None:
+    """The most pixels per frame Pillow opens (2 x PIL.Image.MAX_IMAGE_PIXELS, about 179 M).
+
+    Above it Pillow raises DecompressionBombError whatever :class:`ImageLimits` says, so a
+    ``max_pixels`` above it cannot take effect. None where a program turned the guard off.
+    """
+    ceiling = Image.MAX_IMAGE_PIXELS
+    return None if ceiling is None else 2 * int(ceiling)
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageLimits:
     """What one request may cost to decode. Each limit fails with a clear :class:`ImageError`."""
 
     max_bytes: int = 16 * _MIB  # Encoded size of one image.
     # Width x height of one frame, checked from the header. (Pillow's own guard refuses above
-    # 2 x PIL.Image.MAX_IMAGE_PIXELS, about 179 M, whatever this says.)
+    # pillow_max_pixels(), about 179 M, whatever this says; its refusal names that limit.)
     max_pixels: int = 40_000_000
     max_frames: int = 64  # Frames in one request (all images, animated ones counted per frame).
     min_side: int = 8  # Smallest width or height worth classifying.
@@ -230,14 +240,23 @@ def _decode_error(
     guard, raised at open() or when seeking to a frame that claims a huge canvas, is "too large".
     """
     if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        # (The warning arrives as an exception only where a caller turned warnings into errors.)
         whom = "the image" if frame is None else "the frame"
         # Pillow's words hold the count: "Image size (400000000 pixels) exceeds limit of ...".
         claimed = re.search(r"\((\d+) pixels\)", str(e))
         how_many = f"{int(claimed[1]):,} pixels" if claimed else "so many pixels"
+        # The limit that refused it is Pillow's when that is lower than ours (a max_pixels above
+        # Pillow's ceiling); naming ours then would say "N pixels (limit M)" with N < M. The
+        # warning arrives as an exception only where a caller turned warnings into errors, and
+        # Pillow warns from half its error ceiling.
+        limit = limits.max_pixels
+        ceiling = pillow_max_pixels()
+        if ceiling is not None:
+            if isinstance(e, Image.DecompressionBombWarning):
+                ceiling //= 2
+            limit = min(limit, ceiling)
         return ImageTooLargeError(
             f"{whom} claims {how_many}, so many that decoding it would exhaust memory (limit "
-            f"{limits.max_pixels:,} pixels); downscale it first",
+            f"{limit:,} pixels); downscale it first",
             field=field,
             frame=frame,
         )
@@ -341,26 +360,34 @@ def iter_frames(
             try:
                 if index + first:
                     im.seek(index + first)
-                if im.size != (width, height):  # frames of one file share the canvas size
-                    w, h = im.size
-                    if w * h > limits.max_pixels:  # a GIF frame may grow the canvas
+                # Frames of one file share the canvas, except that a GIF frame reaching past it
+                # makes Pillow enlarge it (for this frame and the rest). Browsers clip such a
+                # frame to the canvas, and so do we, once the enlarged canvas Pillow is about
+                # to allocate is known to be within the per-frame limit.
+                w, h = im.size
+                if (w, h) != (width, height):
+                    if w * h > limits.max_pixels:
                         raise ImageTooLargeError(
-                            f"{w}x{h} is {w * h:,} pixels, over the limit of "
-                            f"{limits.max_pixels:,} per frame",
+                            f"the frame reaches past the {width}x{height} canvas to {w}x{h}, "
+                            f"{w * h:,} pixels to decode, over the limit of "
+                            f"{limits.max_pixels:,} per frame; re-export the animation so its "
+                            "frames fit its canvas",
                             limit="max_pixels",
                             field=field,
                             frame=frame,
                         )
-                    raise InvalidImageError(
-                        f"frame size {im.size} differs from the image's {width}x{height}",
-                        field=field,
-                        frame=frame,
-                    )
+                    if w < width or h < height:
+                        raise InvalidImageError(
+                            f"the frame is {w}x{h}, smaller than the image's {width}x{height} "
+                            "canvas; re-export the animation",
+                            field=field,
+                            frame=frame,
+                        )
                 im.load()
                 if index == 0:
                     # Read after load: PNG may carry its eXIf chunk after the pixel data.
                     transpose = _ORIENTATION_TRANSPOSE.get(_orientation(im))
-                rgb = _to_rgb(im)
+                rgb = _to_rgb(im if (w, h) == (width, height) else im.crop((0, 0, width, height)))
             except (ImageError, MemoryError):
                 raise
             except Exception as e:  # see _decode_error
@@ -410,7 +437,8 @@ def decode_frames(
     EXIF orientation is applied; transparency (RGBA, LA, palette or colour-key) is composited
     over white; CMYK, grayscale, 16-bit grayscale (scaled, not clipped) and 1-bit become RGB.
     An animated GIF/WebP/PNG gives all its frames, each the full composited canvas (an APNG's
-    fallback default image is not one of them).
+    fallback default image is not one of them; a GIF frame reaching past the canvas is clipped
+    to it, as browsers do).
 
     Args:
       data: the encoded file.

@@ -11,6 +11,7 @@ import io
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -246,3 +247,76 @@ class ServerProcess:
             self.proc.wait()
         self._reader.join(5)
         self.log.close()
+
+
+class ThrottlingProxy:
+    """A TCP proxy on 127.0.0.1 that passes what clients send on to 127.0.0.1:`port` at most
+    `rate` bytes/s per connection (replies go back at full speed): a client on a slow uplink.
+
+    Args:
+      port: the server's port.
+      rate: bytes per second, client to server, per connection.
+    """
+
+    def __init__(self, port: int, rate: int):
+        self._upstream, self.rate = port, rate
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)  # so the accept loop notices `close`
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            try:
+                server = socket.create_connection(("127.0.0.1", self._upstream))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, server]
+            for args in ((client, server, self.rate), (server, client, None)):
+                threading.Thread(target=self._pump, args=args, daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, rate: int | None) -> None:
+        chunk = 1 << 16 if rate is None else max(1, rate // 20)
+        try:
+            while data := source.recv(chunk):
+                sink.sendall(data)
+                if rate is not None:
+                    time.sleep(len(data) / rate)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        with self._lock:
+            for s in self._sockets:
+                s.close()
+
+    def __enter__(self) -> ThrottlingProxy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,15 +1,22 @@
-"""DynamicBatcher: grouping, ordering, bounded queue, cancellation and deadlines before compute.
+"""DynamicBatcher: grouping, ordering, bounded queue, cancellation and deadlines before compute;
+and the server settings that let batches reach --max-batch-size.
 
 The model function here is a plain function that records what it was given; a gate (an Event)
-holds the worker busy so the queue state is deterministic, not timing-dependent.
+holds the worker busy so the queue state is deterministic, not timing-dependent. One test runs a
+real server over the tiny model, for what only handler threads and gRPC clients can show.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 import time
+from concurrent import futures
 
+import numpy as np
 import pytest
+from grpc_support import jpeg, shared_tmp, stub, tiny_model_dir
 
 from grpc_server.batcher import (
     BatcherClosedError,
@@ -18,6 +25,7 @@ from grpc_server.batcher import (
     QueueFullError,
     Ticket,
 )
+from grpc_server.config import DEFAULT_WORKERS, ServerConfig
 
 
 class GatedModel:
@@ -195,3 +203,114 @@ def test_several_workers_run_batches_concurrently():
     assert [t.result(10) for t in tickets] == [0, 1]
     assert both_inside.is_set(), "the two batches did not overlap"
     b.close(5)
+
+
+class DropCounter:
+    """An observer that records every drop the batcher reports (har_batch_dropped_total)."""
+
+    def __init__(self):
+        self.drops: list[str] = []
+
+    def batch(self, n):
+        pass
+
+    def queue_depth(self, n):
+        pass
+
+    def dropped(self, reason):
+        self.drops.append(reason)
+
+
+def test_a_request_withdrawn_by_several_threads_at_once_is_dropped_once():
+    """A cancel and a deadline drop at the same instant both try to finish the ticket; only one
+    may count. Eight threads cancel the same 2000 queued requests in step (five times), the
+    interpreter switching threads as often as it can: without a lock, requests counted twice."""
+    model = GatedModel()
+    drops = DropCounter()
+    n = 2000
+    b = DynamicBatcher(model, max_batch_size=1, max_wait_us=0, max_queue=n, observer=drops)
+    _busy(model, b)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(5):
+            tickets = [b.submit(i) for i in range(n)]
+            start = threading.Barrier(8)
+
+            def cancel_all(tickets=tickets, start=start):
+                start.wait()
+                for ticket in tickets:
+                    b.cancel(ticket)
+
+            threads = [threading.Thread(target=cancel_all) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            assert b.queue_depth == 0
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(drops.drops) == 5 * n, f"{len(drops.drops) - 5 * n} requests were counted twice"
+    model.release()
+    b.close(5)
+    assert model.calls == [[0]]
+
+
+def test_default_workers_can_fill_every_batch():
+    """Each request waiting for the model holds a handler thread: with batching possible, the
+    default leaves model_threads full batches running and as many waiting or decoding."""
+    auto = ServerConfig()  # batching auto: on with an accelerator, off on a CPU
+    assert auto.resolved_workers("gpu") == 2 * auto.max_batch_size == 64
+    assert auto.resolved_workers("cpu") == DEFAULT_WORKERS == 16
+    config = ServerConfig(batching=True, max_batch_size=8, model_threads=3)
+    assert config.resolved_workers("cpu") == 32
+    assert ServerConfig(batching=True, max_batch_size=4).resolved_workers("gpu") == 16
+    # Without batching the model runs in the handler threads: the CPU default stays.
+    assert ServerConfig(batching=False).resolved_workers("gpu") == DEFAULT_WORKERS
+    assert ServerConfig(batching=True, workers=5).resolved_workers("gpu") == 5  # set: kept
+
+
+def test_workers_below_max_batch_size_are_warned_about(caplog):
+    config = ServerConfig(batching=True, max_batch_size=8, workers=4)
+    with caplog.at_level(logging.WARNING, logger="grpc_server.config"):
+        assert config.use_batching("gpu")
+    assert "--workers 4 is below --max-batch-size 8" in caplog.text
+    assert "no batch will be larger than 4" in caplog.text
+    assert "raise --workers to 16 (or leave it unset), or lower --max-batch-size to 4" in (
+        caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="grpc_server.config"):
+        # auto on a CPU does not batch; enough workers batch without a word
+        assert not ServerConfig(max_batch_size=8, workers=4).use_batching("cpu")
+        assert ServerConfig(batching=True, max_batch_size=8, workers=8).use_batching("cpu")
+    assert not caplog.records
+
+
+def test_a_server_with_default_workers_runs_a_batch_of_max_batch_size(tmp_path_factory):
+    """32 concurrent calls, the first waiting up to 5 s for company: one model call of 32 (with
+    16 handler threads, the old default, it was two of 16)."""
+    from grpc_server.server import HarServer
+    from har_flax.predictor import Predictor
+    from har_flax.proto.har.v1 import har_pb2
+
+    predictor = Predictor.load(tiny_model_dir(shared_tmp(tmp_path_factory)), batch_sizes=(32,))
+    config = ServerConfig(host="127.0.0.1", port=0, grace_s=2, drain_s=0, batching=True,
+                          max_wait_us=5_000_000)  # fmt: skip
+    assert config.max_batch_size == 32  # the default
+    server = HarServer(config)
+    server.start()
+    try:
+        assert server.workers == 64
+        server.load(predictor)
+        client = stub(f"127.0.0.1:{server.port}")
+        image = jpeg(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        request = har_pb2.PredictRequest(images=[image])
+        with futures.ThreadPoolExecutor(32) as pool:
+            replies = list(pool.map(lambda _: client.Predict(request, timeout=60), range(32)))
+        assert len({r.action for r in replies}) == 1
+        registry = server.metrics.registry
+        sizes = [registry.get_sample_value(f"har_batch_size_{s}") for s in ("count", "sum")]
+        assert sizes == [1, 32], f"{sizes[0]:.0f} model calls for {sizes[1]:.0f} requests"
+    finally:
+        server.stop()

@@ -9,6 +9,7 @@ servers with different settings share one loaded Predictor.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import re
 import threading
@@ -19,7 +20,15 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_support import jpeg, probabilities, rich_details, shared_tmp, stub, tiny_model_dir
+from grpc_support import (
+    ThrottlingProxy,
+    jpeg,
+    probabilities,
+    rich_details,
+    shared_tmp,
+    stub,
+    tiny_model_dir,
+)
 
 from grpc_server.config import ServerConfig
 from grpc_server.server import HarServer, ServerError
@@ -482,3 +491,107 @@ def test_unknown_method_is_logged_and_counted(small_messages, caplog):
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert _sample(small_messages, "har_grpc_requests_total", **labels) - before == 1
     assert _access_lines(caplog, "method=/har.v1.ActionRecognition/Nope code=UNIMPLEMENTED")
+
+
+def test_overloaded_slow_uploads_are_refused_at_once_and_never_hold_the_probes_threads(
+    one_worker, inputs
+):
+    """Predict calls refused as OVERLOADED are answered before their request is read: six slow
+    uploads neither wait for their upload to end nor take the threads health checks run on."""
+    target = f"127.0.0.1:{one_worker.port}"
+    request = har_pb2.PredictRequest(images=[inputs[3]])
+    held = [stub(target).Predict.future(request, timeout=30) for _ in range(2)]
+    upload = har_pb2.PredictRequest(images=[b"\xff\xd8" + bytes(1_000_000)])
+    try:
+        time.sleep(0.3)  # the handler thread and the queue place are taken
+        with ThrottlingProxy(one_worker.port, rate=100_000) as proxy:  # 10 s per upload
+            started = time.monotonic()
+            uploads = [
+                stub(proxy.target, **{"grpc.use_local_subchannel_pool": 1}).Predict.future(
+                    upload, timeout=20
+                )
+                for _ in range(6)
+            ]
+            time.sleep(0.5)  # every call has arrived and is uploading
+            health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+            reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            own = stub(target).Health(har_pb2.HealthRequest(), timeout=1.0)
+            assert own.status == har_pb2.HealthResponse.SERVING
+            outcomes = [_outcome(u) for u in uploads]
+            assert all(details.get("reason") == "OVERLOADED" for _, details, _ in outcomes)
+            assert time.monotonic() - started < 3, "the refusals waited for the uploads"
+    finally:
+        codes = [_outcome(c)[0] for c in held]
+    assert codes == [grpc.StatusCode.OK] * 2
+
+
+def test_calls_received_before_shutdown_finish_even_if_they_wait_for_a_thread(predictor, inputs):
+    """Shutdown refuses the Predict and Classes calls that arrive once it has begun; a call that
+    arrived before, still waiting for the only handler thread, is answered within the grace."""
+    server = _server(predictor, batching=True, max_batch_size=8, max_wait_us=int(HOLD_S * 1e6),
+                     workers=1, max_queue=2)  # fmt: skip
+    client = stub(f"127.0.0.1:{server.port}")
+    request = har_pb2.PredictRequest(images=[inputs[4]])
+    stopper = threading.Thread(target=server.stop, kwargs={"grace_s": 10, "drain_s": 1.0})
+    try:
+        running = client.Predict.future(request, timeout=30)  # holds the thread for HOLD_S
+        time.sleep(0.2)
+        waiting = client.Predict.future(request, timeout=30)  # received, waits for the thread
+        time.sleep(0.2)
+        stopper.start()
+        time.sleep(0.2)  # draining: NOT_SERVING, the port still open
+        for call in (client.Predict, client.Classes):
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                call(request if call is client.Predict else har_pb2.ClassesRequest(), timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+            assert rich_details(e.value)["reason"] == "SHUTTING_DOWN"
+            assert time.monotonic() - started < 0.5, "refused only once a thread was free"
+        assert _outcome(running)[0] == grpc.StatusCode.OK
+        code, details, message = _outcome(waiting)
+        assert code == grpc.StatusCode.OK, (details, message)
+    finally:
+        if stopper.ident is None:
+            stopper.start()
+        stopper.join(30)
+
+
+def test_latency_counts_the_wait_for_a_handler_thread(one_worker, inputs, caplog):
+    """The reply's latency_ms ("from receipt to reply"), the access log and the latency
+    histogram all run from the call's arrival, so the wait for a busy handler thread shows."""
+    client = stub(f"127.0.0.1:{one_worker.port}")
+    observed = _sample(one_worker, "har_grpc_request_latency_seconds_sum", method=PREDICT)
+    caplog.set_level(logging.INFO, logger="grpc_server.access")
+    request = har_pb2.PredictRequest(images=[inputs[5]])
+    first = client.Predict.future(request, timeout=30)  # holds the only thread for HOLD_S
+    time.sleep(0.2)
+    sent = time.monotonic()
+    second = client.Predict(request, timeout=30)  # waits for the thread, then HOLD_S itself
+    waited = time.monotonic() - sent
+    assert first.result().latency_ms > 0
+    assert waited > 1.5 * HOLD_S  # the wait for the thread really happened
+    # Loopback and (de)serialisation cost milliseconds; the thread wait alone is ~HOLD_S.
+    assert second.latency_ms / 1e3 > waited - 0.25, (second.latency_ms, waited)
+    logged = [float(re.search(r"latency_ms=(\S+)", line).group(1))
+              for line in _access_lines(caplog, "Predict code=OK")]  # fmt: skip
+    assert len(logged) == 2 and max(logged) / 1e3 > waited - 0.25, (logged, waited)
+    total = _sample(one_worker, "har_grpc_request_latency_seconds_sum", method=PREDICT) - observed
+    assert total > waited - 0.25 + HOLD_S - 0.25, total
+
+
+def test_a_method_name_cannot_forge_access_log_lines(small_messages, caplog):
+    """The method name of an unknown method is the client's text: logged quoted and escaped."""
+    caplog.set_level(logging.INFO, logger="grpc_server.access")
+    channel = grpc.insecure_channel(f"127.0.0.1:{small_messages.port}")
+    # No spaces (a value with one was always quoted): a newline, then a whole fake line.
+    forged = "/x\n2026-11-27\tINFO\tgrpc_server.access:\tevent=rpc\tmethod=/har.v1.Fake\tcode=OK"
+    with pytest.raises(grpc.RpcError) as e:
+        channel.unary_unary(forged)(b"", timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    (line,) = _access_lines(caplog, "code=UNIMPLEMENTED")[-1:]
+    assert "\n" not in line and "\t" not in line, line
+    assert line.startswith('event=rpc method="/x\\n2026-11-27\\tINFO'), line
+    # Quoted values are JSON strings: a reader gets the exact name back.
+    quoted = re.match(r'event=rpc method=("(?:[^"\\]|\\.)*") code=UNIMPLEMENTED$', line)
+    assert quoted and json.loads(quoted.group(1)) == forged, line

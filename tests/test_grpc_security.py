@@ -16,7 +16,15 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_support import jpeg, make_test_certs, rich_details, shared_tmp, stub, tiny_model_dir
+from grpc_support import (
+    ThrottlingProxy,
+    jpeg,
+    make_test_certs,
+    rich_details,
+    shared_tmp,
+    stub,
+    tiny_model_dir,
+)
 
 from grpc_server.config import ServerConfig
 from grpc_server.server import HarServer, ServerError
@@ -190,5 +198,40 @@ def test_rate_limit_per_client_with_retry_info(predictor):
             client.Health(har_pb2.HealthRequest(), timeout=10)
         time.sleep(retry["retry_s"] + 0.05)
         assert client.Classes(har_pb2.ClassesRequest(), timeout=10).classes
+    finally:
+        server.stop()
+
+
+def test_a_refused_slow_upload_is_answered_at_once_and_never_holds_the_probes_threads(predictor):
+    """A client without the token uploading slowly (a phone photo on a poor uplink, or an
+    attacker) is refused before its request is read: at once, mid-upload, and without holding a
+    thread while the rest of the upload trickles in; health checks keep answering."""
+    server = _start(predictor, auth_token=TOKEN)
+    # 1 MB at 100 kB/s: each upload takes 10 s, longer with six sharing the link.
+    request = har_pb2.PredictRequest(images=[b"\xff\xd8" + bytes(1_000_000)])
+    try:
+        with ThrottlingProxy(server.port, rate=100_000) as proxy:
+            started = time.monotonic()
+            # More uploads than the server has threads for probes and refusals together, each on
+            # a connection of its own (on one, later calls would wait behind the first's bytes).
+            uploads = [
+                stub(proxy.target, **{"grpc.use_local_subchannel_pool": 1}).Predict.future(
+                    request, timeout=20
+                )
+                for _ in range(6)
+            ]
+            time.sleep(0.5)  # every call has arrived and is uploading
+            channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=2
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            own = stub(f"127.0.0.1:{server.port}").Health(har_pb2.HealthRequest(), timeout=2)
+            assert own.status == har_pb2.HealthResponse.SERVING
+            for upload in uploads:
+                with pytest.raises(grpc.RpcError) as e:
+                    upload.result()
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value.details()
+            assert time.monotonic() - started < 3, "the refusals waited for the uploads"
     finally:
         server.stop()

@@ -350,6 +350,34 @@ def test_giant_bomb_beyond_pillows_own_guard():
     assert "downscale it first" in str(e.value)
 
 
+def test_a_limit_above_pillows_ceiling_never_contradicts_the_refusal():
+    ceiling = images.pillow_max_pixels()  # 2 x PIL.Image.MAX_IMAGE_PIXELS: 178,956,970
+    bomb = png_header_bomb(14_000, 13_000, valid_data=False)  # 182 M: over Pillow's, under ours
+    with pytest.raises(ImageTooLargeError) as e:
+        decode_frames(bomb, limits=ImageLimits(max_pixels=200_000_000, max_total_pixels=1 << 30))
+    assert f"claims 182,000,000 pixels, so many that decoding it would exhaust memory (limit " \
+        f"{ceiling:,} pixels)" in str(e.value)  # fmt: skip
+    # Where warnings are errors Pillow refuses from half its ceiling, and says so.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageTooLargeError, match=f"limit {ceiling // 2:,} pixels"):
+            decode_frames(png_header_bomb(10_000, 10_000), limits=images.LOCAL_LIMITS)
+    # The server refuses such a --max-pixels at start (a ValueError: exit 2, as any bad flag).
+    from grpc_server.config import ServerConfig
+    from grpc_server.main import build_parser, config_from_args
+
+    args = build_parser(env={}).parse_args(["--max-pixels", "200000000"])
+    with pytest.raises(ValueError) as refused:
+        config_from_args(args)
+    assert str(refused.value) == (
+        f"max_pixels 200,000,000 is over {ceiling:,}, the most pixels per frame the image "
+        f"decoder (Pillow) opens; set max_pixels (--max-pixels) to at most {ceiling}"
+    )
+    with pytest.raises(ValueError, match="the most pixels per frame"):
+        ServerConfig(max_pixels=ceiling + 1)
+    assert ServerConfig(max_pixels=ceiling).image_limits().max_pixels == ceiling
+
+
 def test_pillow_bomb_warning_is_not_printed():
     # 100 M pixels is over Pillow's warning threshold (about 89 M) and under its error; our own
     # limit refuses it cleanly, and Pillow's DecompressionBombWarning must not reach stderr (a
@@ -509,6 +537,76 @@ def test_gif_frame_claiming_a_huge_canvas_is_too_large():
     with pytest.raises(ImageTooLargeError, match="64,000,000 pixels") as e:
         decode_frames(bytes(gif), field="images[1]")
     assert e.value.field == "images[1]" and e.value.frame == 1
+
+
+# The palette of hand-built GIFs: index 0 black, 1 white, 2 red, 3 blue.
+GIF_PALETTE = np.array([(0, 0, 0), (255, 255, 255), (255, 0, 0), (0, 0, 255)], np.uint8)
+
+
+def hand_built_gif(screen: tuple[int, int], frames: list[tuple[int, int, np.ndarray]]) -> bytes:
+    """A GIF89a of logical screen (W, H) and frames (left, top, indices (h, w)), byte by byte.
+
+    Pillow's writer cannot make a frame that reaches past the screen, so this writes the
+    blocks itself: a 4-colour global palette, each frame with disposal 1 (keep) and its pixels
+    LZW-coded as literals (a clear code before every two, so codes stay 3 bits wide).
+    """
+    out = bytearray(b"GIF89a" + struct.pack("<HHBBB", *screen, 0xF1, 0, 0))
+    out += GIF_PALETTE.tobytes() + b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"
+    for left, top, indices in frames:
+        h, w = indices.shape
+        out += b"\x21\xf9\x04\x04\x0a\x00\x00\x00"  # graphic control: disposal 1, 100 ms
+        out += b"\x2c" + struct.pack("<HHHHB", left, top, w, h, 0)
+        codes = []
+        pixels = [int(i) for i in indices.ravel()]
+        for start in range(0, len(pixels), 2):
+            codes += [4, *pixels[start : start + 2]]  # 4 = clear
+        codes.append(5)  # end of information
+        bits = sum(code << (3 * n) for n, code in enumerate(codes))
+        data = bits.to_bytes((3 * len(codes) + 7) // 8, "little")
+        out += b"\x02"  # LZW minimum code size
+        for start in range(0, len(data), 255):
+            block = data[start : start + 255]
+            out += bytes([len(block)]) + block
+        out += b"\x00"
+    return bytes(out + b"\x3b")
+
+
+def test_gif_frame_reaching_past_the_canvas_is_clipped_as_browsers_do():
+    black = np.zeros((64, 64), np.uint8)
+    white, red = np.full((64, 64), 1, np.uint8), np.full((16, 16), 2, np.uint8)
+    # Frame 1 reaches to 96 x 96 (Pillow grows its canvas); frame 2 is drawn after that.
+    gif = hand_built_gif((64, 64), [(0, 0, black), (32, 32, white), (0, 0, red)])
+    # What a browser shows: each frame clipped to the 64 x 64 screen, drawn over the last.
+    shown = [GIF_PALETTE[black].copy()]
+    shown.append(shown[-1].copy())
+    shown[-1][32:, 32:] = GIF_PALETTE[1]
+    shown.append(shown[-1].copy())
+    shown[-1][:16, :16] = GIF_PALETTE[2]
+    out = decode_frames(gif)
+    assert len(out) == 3
+    for frame, expected in zip(out, shown, strict=True):
+        np.testing.assert_array_equal(frame, expected)
+    # The same animation with frame 1 cut to the screen by its author decodes the same.
+    fitted = hand_built_gif((64, 64), [(0, 0, black), (32, 32, white[:32, :32]), (0, 0, red)])
+    for frame, expected in zip(decode_frames(fitted), shown, strict=True):
+        np.testing.assert_array_equal(frame, expected)
+    # The pixel budget is the canvas's: 3 frames of 64 x 64, not of 96 x 96.
+    exact = ImageLimits(max_pixels=96 * 96, max_total_pixels=3 * 64 * 64)
+    assert len(decode_frames(gif, limits=exact)) == 3
+    # The enlarged canvas Pillow decodes into is still held to the per-frame limit.
+    with pytest.raises(ImageTooLargeError, match="past the 64x64 canvas to 96x96") as e:
+        decode_frames(gif, limits=ImageLimits(max_pixels=96 * 96 - 1), field="images[3]")
+    assert e.value.frame == 1 and e.value.limit == "max_pixels"
+
+
+def test_gif_first_frame_reaching_past_the_screen_sets_the_canvas():
+    # Browsers and Pillow alike grow the screen to a first frame larger than it; later frames
+    # are then frames of that canvas.
+    white, red = np.full((64, 64), 1, np.uint8), np.full((8, 8), 2, np.uint8)
+    out = decode_frames(hand_built_gif((64, 64), [(32, 32, white), (0, 0, red)]))
+    assert [f.shape for f in out] == [(96, 96, 3)] * 2
+    np.testing.assert_array_equal(out[1][:8, :8], np.broadcast_to(GIF_PALETTE[2], (8, 8, 3)))
+    np.testing.assert_array_equal(out[1][32:, 32:], out[0][32:, 32:])
 
 
 @pytest.mark.parametrize(
