@@ -320,3 +320,26 @@ class ThrottlingProxy:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def uploads(self, request: har_pb2.PredictRequest, count: int, timeout: float = 20) -> list:
+        """`count` Predict calls of `request` through the proxy, started at once, each on a
+        connection of its own (on one, later calls would wait behind the first's bytes)."""
+        return [
+            stub(self.target, **{"grpc.use_local_subchannel_pool": 1}).Predict.future(
+                request, timeout=timeout
+            )
+            for _ in range(count)
+        ]
+
+
+def assert_probes_serving(port: int, timeout: float) -> None:
+    """Both health services of the server on `port` answer SERVING within `timeout` s."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    reply = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(), timeout=timeout
+    )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    own = stub(f"127.0.0.1:{port}").Health(har_pb2.HealthRequest(), timeout=timeout)
+    assert own.status == har_pb2.HealthResponse.SERVING

@@ -22,6 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_support import (
     ThrottlingProxy,
+    assert_probes_serving,
     jpeg,
     probabilities,
     rich_details,
@@ -506,18 +507,9 @@ def test_overloaded_slow_uploads_are_refused_at_once_and_never_hold_the_probes_t
         time.sleep(0.3)  # the handler thread and the queue place are taken
         with ThrottlingProxy(one_worker.port, rate=100_000) as proxy:  # 10 s per upload
             started = time.monotonic()
-            uploads = [
-                stub(proxy.target, **{"grpc.use_local_subchannel_pool": 1}).Predict.future(
-                    upload, timeout=20
-                )
-                for _ in range(6)
-            ]
+            uploads = proxy.uploads(upload, 6)
             time.sleep(0.5)  # every call has arrived and is uploading
-            health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
-            reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            own = stub(target).Health(har_pb2.HealthRequest(), timeout=1.0)
-            assert own.status == har_pb2.HealthResponse.SERVING
+            assert_probes_serving(one_worker.port, timeout=1.0)
             outcomes = [_outcome(u) for u in uploads]
             assert all(details.get("reason") == "OVERLOADED" for _, details, _ in outcomes)
             assert time.monotonic() - started < 3, "the refusals waited for the uploads"

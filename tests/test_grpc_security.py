@@ -18,6 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_support import (
     ThrottlingProxy,
+    assert_probes_serving,
     jpeg,
     make_test_certs,
     rich_details,
@@ -212,22 +213,10 @@ def test_a_refused_slow_upload_is_answered_at_once_and_never_holds_the_probes_th
     try:
         with ThrottlingProxy(server.port, rate=100_000) as proxy:
             started = time.monotonic()
-            # More uploads than the server has threads for probes and refusals together, each on
-            # a connection of its own (on one, later calls would wait behind the first's bytes).
-            uploads = [
-                stub(proxy.target, **{"grpc.use_local_subchannel_pool": 1}).Predict.future(
-                    request, timeout=20
-                )
-                for _ in range(6)
-            ]
+            # More uploads than the server has threads for probes and refusals together.
+            uploads = proxy.uploads(request, 6)
             time.sleep(0.5)  # every call has arrived and is uploading
-            channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-            health = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=2
-            )
-            assert health.status == health_pb2.HealthCheckResponse.SERVING
-            own = stub(f"127.0.0.1:{server.port}").Health(har_pb2.HealthRequest(), timeout=2)
-            assert own.status == har_pb2.HealthResponse.SERVING
+            assert_probes_serving(server.port, timeout=2)
             for upload in uploads:
                 with pytest.raises(grpc.RpcError) as e:
                     upload.result()
