@@ -4,9 +4,10 @@
 
 Starts `python -m grpc_server.main` (the built-in ImageNet model unless --model), waits until
 its standard gRPC health check says SERVING, starts the web UI (`python -m webui.main`)
-against it, waits until /health answers, prints the URL, and on Ctrl-C (or SIGTERM) stops the
-web UI, then the model server, each cleanly. If either exits on its own, the other is stopped
-too and the exit code is 1.
+against it, waits until /health answers, prints the URL, and on Ctrl-C (or SIGTERM, or the
+terminal closing: SIGHUP) stops the web UI, then the model server, each cleanly. If either exits
+on its own, the other is stopped too and the exit code is 1; if this script is killed, both
+get SIGTERM (Linux). Loopback traffic never goes through http_proxy/grpc_proxy.
 Production runs the same two processes under systemd with gunicorn and nginx (deploy/).
 """
 
@@ -29,6 +30,26 @@ _GRPC_LISTENING = re.compile(r"listening on \S+:(\d+)")
 _WEB_LISTENING = re.compile(r"listening on (http://\S+)")
 
 
+def _die_with_parent():
+    """On Linux, a preexec_fn that has the child sent SIGTERM when this script dies.
+
+    Even a SIGKILL of this script then stops both servers, which would otherwise hold their
+    ports (the next `make serve` would fail with "address in use"). Elsewhere None.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    # Looked up here, not in the child: between fork and exec only the call itself runs.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+
+    return preexec
+
+
 class Child:
     """A subprocess whose output is echoed with a prefix and searched for a pattern."""
 
@@ -46,13 +67,17 @@ class Child:
             text=True,
             bufsize=1,
             start_new_session=True,
+            preexec_fn=_die_with_parent(),
         )
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
         for line in self.proc.stdout:
-            sys.stdout.write(f"[{self.name}] {line}")
-            sys.stdout.flush()
+            try:
+                sys.stdout.write(f"[{self.name}] {line}")
+                sys.stdout.flush()
+            except OSError:
+                pass  # the terminal is gone (SIGHUP): keep reading, or the child would block
             if self.match is None:
                 match = self.pattern.search(line)
                 if match:
@@ -74,7 +99,11 @@ class Child:
 
 
 class Stop(Exception):
-    """Raised in the main thread by SIGINT/SIGTERM."""
+    """Raised in the main thread by SIGINT, SIGTERM or SIGHUP (the terminal was closed)."""
+
+
+#: Each stops both servers cleanly: Ctrl-C, `kill`/systemd, and closing the terminal.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _on_signal(signum, frame):
@@ -98,7 +127,8 @@ def _wait_serving(target: str, server: Child, timeout_s: float) -> None:
 
     print("serve_all: waiting for the model to load and compile (a minute or so on a CPU)")
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
+    # Loopback never goes through a proxy (http_proxy/grpc_proxy without no_proxy for it).
+    with grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if not server.running():
@@ -116,11 +146,13 @@ def _wait_serving(target: str, server: Child, timeout_s: float) -> None:
 def _wait_healthy(url: str, web: Child, timeout_s: float = 60) -> None:
     """Waits for the web UI's /health to answer 200 (it asks the model server)."""
     deadline = time.monotonic() + timeout_s
+    # No proxy from the environment: it could not reach this machine's loopback address.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     while time.monotonic() < deadline:
         if not web.running():
             raise RuntimeError(f"{web.name} exited with {web.proc.returncode}")
         try:
-            with urllib.request.urlopen(url + "health", timeout=5) as response:
+            with opener.open(url + "health", timeout=5) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -150,8 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, _on_signal)
     grpc_cmd = [sys.executable, "-m", "grpc_server.main", "--host", "127.0.0.1"]
     grpc_cmd += ["--port", str(args.grpc_port), "--max-batch-size", str(args.max_batch_size)]
     if args.model:
@@ -183,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     finally:
         # Ignore a second Ctrl-C while shutting down, so the children are always stopped.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         for child in reversed(children):  # the web UI first: it depends on the model server
             child.stop()
     print("serve_all: stopped", flush=True)

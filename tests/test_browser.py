@@ -628,10 +628,41 @@ def test_a_photo_without_a_file_type_is_left_to_the_server(watched, cat_jpeg, tm
     assert page.get_by_role("button", name="Choose a photo…").count() == 1
     photo = tmp_path / "catnoext"  # a real file: the browser guesses no type from its name
     photo.write_bytes(cat_jpeg)
+    # What the browser guessed, seen before the page empties the input (capture runs first).
+    page.evaluate(
+        """() => document.addEventListener(
+             "change", (e) => { window.__type = e.target.files[0].type; }, {capture: true})"""
+    )
     page.set_input_files("#file-input", files=[str(photo)])
-    assert page.evaluate("document.getElementById('file-input').files[0].type") == ""
+    assert page.evaluate("window.__type") == ""
     page.wait_for_selector("#preview-view:not([hidden])")
     page.get_by_role("button", name="Recognize action").click()
     page.wait_for_selector("#result-view:not([hidden])")
     assert any(name in page.text_content("#top-action") for name in CAT_CLASSES)
     watched.assert_offline_and_clean()
+
+
+def test_the_same_photo_chosen_again_after_a_drop_replaces_the_dropped_one(browser, tmp_path):
+    """The file input kept its last choice, so choosing that photo again after a drop was no
+    change to the browser: the dropped photo stayed, and the one chosen was never sent."""
+    chosen, dropped = tmp_path / "chosen.jpg", "dropped.jpg"
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 48), (200, 120, 40)).save(buf, format="JPEG")
+    chosen.write_bytes(buf.getvalue())
+    # No model server is needed to choose photos: the preview is the page's own.
+    with page_with_the_model_server_down(browser) as (w, _front, _url):
+        page = w.page
+        page.set_input_files("#file-input", files=[str(chosen)])  # a real file, as a person picks
+        poll(page, "document.getElementById('preview-caption').textContent.startsWith('chosen')")
+        data_transfer = page.evaluate_handle(
+            """(name) => {
+              const dt = new DataTransfer();
+              dt.items.add(new File([new Uint8Array(8)], name, {type: "image/jpeg"}));
+              return dt;
+            }""",
+            dropped,
+        )
+        page.dispatch_event("#dropzone", "drop", {"dataTransfer": data_transfer})
+        poll(page, "document.getElementById('preview-caption').textContent.startsWith('dropped')")
+        page.set_input_files("#file-input", files=[str(chosen)])
+        poll(page, "document.getElementById('preview-caption').textContent.startsWith('chosen')", 5)

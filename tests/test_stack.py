@@ -9,6 +9,7 @@ Also here: the monitoring configs against the live metrics, and `make serve` (sc
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.client
 import json
@@ -124,6 +125,36 @@ def test_gunicorn_logs_an_outage_in_its_own_format_once_and_leaves_nothing(defau
     assert again and int(again.group(1)) >= 20, text
     assert "Control server" not in text and "ERROR" not in text, text
     assert not metrics_dir.exists(), "the instance's own metrics folder is left behind"
+
+
+def test_gunicorn_names_the_form_limit_a_many_part_upload_is_over(tmp_path):
+    """Found in review: 1001 small frames (3 MB, over werkzeug's 1000 form parts) were refused
+    as "Upload too large: the limit is 10 MiB" under gunicorn (and never answered under the
+    development server: see test_webui)."""
+    port = support.free_port()
+    env = support.env_without_proxies()
+    env.update(
+        HAR_WEBUI_BIND=f"127.0.0.1:{port}",
+        HAR_WEBUI_WORKERS="1",
+        HAR_GRPC_TARGET=f"127.0.0.1:{support.free_port()}",  # refused before any call to it
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prometheus"),
+    )
+    log_path = tmp_path / "gunicorn.log"
+    url = f"http://127.0.0.1:{port}/"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(DEPLOY / "gunicorn.conf.py")],
+            cwd=support.REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            support.wait_http(url, timeout_s=120, proc=proc, log=log_path)
+            frames = [(f"{i}.jpg", b"\xff\xd8" + b"\0" * 3000, "image/jpeg") for i in range(1001)]
+            body, headers = multipart(frames)
+            status, _, answer = request(url + "predict", data=body, headers=headers)
+        finally:
+            support.stop_process(proc)
+    assert status == 413, answer
+    assert json.loads(answer)["error"].startswith("Upload refused: more than 1,000 parts"), answer
 
 
 def test_each_gunicorn_instance_outside_systemd_has_its_own_metrics_folder(tmp_path, monkeypatch):
@@ -564,40 +595,102 @@ def test_prometheus_scrapes_where_the_services_listen():
 # --------------------------------------------------------------------------- make serve
 
 
-def test_serve_all_starts_both_prints_the_url_and_stops_both_on_ctrl_c(tmp_path_factory, tmp_path):
-    model = support.tiny_model_dir(tmp_path_factory)
-    log_path = tmp_path / "serve_all.log"
-    log = log_path.open("wb")
-    # Started from outside the repository, with a model path relative to where it is started.
-    proc = subprocess.Popen(
-        [sys.executable, str(support.REPO / "scripts/serve_all.py"), "--model", model.name,
-         "--port", "0", "--grpc-port", "0"],
-        cwd=model.parent, stdout=log, stderr=subprocess.STDOUT,
-        env=support.env_without_proxies(),
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        url = None
-        while url is None:
-            text = log_path.read_text(errors="replace")
-            match = re.search(r"har-flax is ready: open (http://\S+) in a browser", text)
-            url = match.group(1) if match else None
-            assert proc.poll() is None, text
-            assert time.monotonic() < deadline, text
-            time.sleep(0.3)
-        status, _, body = request(url + "classes")
-        assert status == 200 and json.loads(body)["classes"] == list(support.TINY_CLASSES)
-        grpc_port = int(re.search(r"\[grpc\] .*listening on \S+:(\d+)", text).group(1))
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C in `make serve` sends
-        assert proc.wait(timeout=60) == 0, log_path.read_text()
-    finally:
-        support.stop_process(proc)
-        log.close()
-    text = log_path.read_text()
-    assert "serve_all: stopped" in text
-    # Both children are gone: neither port answers any more.
+def start_serve_all(model: Path, log_path: Path, env: dict[str, str]):
+    """scripts/serve_all.py on free ports, started from outside the repository with a model
+    path relative to where it is started; waits for "ready".
+
+    Returns:
+      (the process, the web UI's URL, the gRPC port, the children's process ids).
+    """
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(support.REPO / "scripts/serve_all.py"), "--model", model.name,
+             "--port", "0", "--grpc-port", "0", "--timeout", "240"],
+            cwd=model.parent, stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while True:
+        text = log_path.read_text(errors="replace")
+        match = re.search(r"har-flax is ready: open (http://\S+) in a browser", text)
+        if match:
+            break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            support.stop_process(proc)
+            pytest.fail(f"serve_all did not get ready:\n{text}")
+        time.sleep(0.3)
+    grpc_port = int(re.search(r"\[grpc\] .*listening on \S+:(\d+)", text).group(1))
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    return proc, match.group(1), grpc_port, [int(pid) for pid in children]
+
+
+def assert_gone(url: str, grpc_port: int, pids: list[int]) -> None:
+    """Neither server answers any more, and neither process is left."""
     for port in (int(url.rsplit(":", 1)[1].strip("/")), grpc_port):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
         with pytest.raises(OSError):
             conn.request("GET", "/")
         conn.close()
+    assert not [pid for pid in pids if alive(pid)], "a server is still running"
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, dead but not reaped yet, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(") ")[2][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def kill_leftovers(pids: list[int]) -> None:
+    """SIGKILLs the test's own serve_all children that outlived it (a failed test)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_serve_all_starts_both_prints_the_url_and_stops_both_on_ctrl_c(tmp_path_factory, tmp_path):
+    """Behind a proxy that cannot reach this machine (no no_proxy for 127.0.0.1), as a shell at
+    work may be: found in review, the health checks of serve_all and the web UI's calls to the
+    model server went to the proxy, and `make serve` never got ready."""
+    model = support.tiny_model_dir(tmp_path_factory)
+    log_path = tmp_path / "serve_all.log"
+    proc, url, grpc_port, pids = start_serve_all(
+        model, log_path, support.proxy_env(support.DEAD_PROXY)
+    )
+    try:
+        status, _, body = request(url + "classes")
+        assert status == 200 and json.loads(body)["classes"] == list(support.TINY_CLASSES)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C in `make serve` sends
+        assert proc.wait(timeout=60) == 0, log_path.read_text()
+    finally:
+        support.stop_process(proc)
+        kill_leftovers(pids)
+    assert "serve_all: stopped" in log_path.read_text()
+    assert_gone(url, grpc_port, pids)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGKILL], ids=["SIGHUP", "SIGKILL"])
+def test_serve_all_leaves_no_server_behind_when_its_terminal_closes_or_it_is_killed(
+    tmp_path_factory, tmp_path, sig
+):
+    """Found in review: closing the terminal (SIGHUP) ended serve_all without its cleanup, and
+    the servers (in sessions of their own) kept ports 8080 and 50051: the next `make serve`
+    failed with "address in use". SIGHUP now stops both as Ctrl-C does; if serve_all is killed
+    outright, the kernel sends each of them SIGTERM (Linux's parent-death signal)."""
+    model = support.tiny_model_dir(tmp_path_factory)
+    log_path = tmp_path / "serve_all.log"
+    proc, url, grpc_port, pids = start_serve_all(model, log_path, support.env_without_proxies())
+    try:
+        assert len(pids) == 2, pids
+        proc.send_signal(sig)
+        code = proc.wait(timeout=60)
+        if sig == signal.SIGHUP:
+            assert code == 0, log_path.read_text()
+            assert "serve_all: stopped" in log_path.read_text()
+        deadline = time.monotonic() + 30  # after SIGKILL the servers stop on their own
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert_gone(url, grpc_port, pids)
+    finally:
+        support.stop_process(proc)
+        kill_leftovers(pids)

@@ -324,11 +324,16 @@ def test_upload_mistakes_are_400_with_a_message(client):
     assert "'file'" in body["error"]
     body = assert_json_error(upload(client, (b"", "empty.jpg")), 400)
     assert "empty.jpg is empty" in body["error"]
-    for top_k in ("many", "-1", "1.5"):
+    # 2**31 does not fit PredictRequest.top_k (int32): it was a 500 with a traceback.
+    for top_k in ("many", "-1", "1.5", str(2**31), str(10**30)):
         body = assert_json_error(upload(client, (jpeg(64, 64), "a.jpg"), top_k=top_k), 400)
         assert body["error"] == (
-            f"top_k must be a whole number >= 0 (0 = all classes), got {top_k!r}"
+            "top_k must be a whole number from 0 to the number of classes (0 = all classes), "
+            f"got {top_k!r}"
         ), body
+    # Within int32 the model server, which knows the classes, answers.
+    body = assert_json_error(upload(client, (jpeg(64, 64), "a.jpg"), top_k=str(2**31 - 1)), 400)
+    assert body["code"] == "INVALID_ARGUMENT" and "use 1..3" in body["error"], body
 
 
 def test_a_text_file_is_400_naming_the_file(client):
@@ -392,6 +397,39 @@ def test_files_up_to_the_limit_pass_whatever_the_form_adds(tiny, serve, http, ca
     response = http.post(url + "predict", files={"file": ("over.jpg", over, "image/jpeg")})
     assert response.status_code == 413, response.text
     assert response.json()["error"].startswith("Upload too large: the limit is 0.5 MiB ")
+
+
+def test_a_form_over_werkzeugs_limits_is_an_actionable_413_at_once(serve, http):
+    """Found in review: werkzeug refuses a form of more than 1000 parts (1001 small frames,
+    3 MB) or a field without a file name over 500 KB part-way through the body; the 413
+    handler then read Content-Length more bytes, and the development server never answered.
+    (Under gunicorn the answer came, saying the 10 MiB limit was exceeded: see test_stack.)"""
+    from har_flax.images import ImageLimits
+    from webui import errors
+
+    assert errors._MODEL_SERVER_MAX_FRAMES == ImageLimits().max_frames  # named in the message
+    url = serve(make_app("127.0.0.1:1"))  # refused before any call to the model server
+    frame = b"\xff\xd8" + b"\0" * 3000
+    for files in (
+        [("file", (f"{i}.jpg", frame, "image/jpeg")) for i in range(1001)],
+        [("file", (None, b"\0" * 600_000))],  # curl -F file=<photo.jpg: text, no file name
+    ):
+        start = time.monotonic()
+        response = http.post(url + "predict", files=files, timeout=20)
+        assert time.monotonic() - start < 10
+        assert response.status_code == 413, response.text
+        assert response.json()["error"] == (
+            "Upload refused: more than 1,000 parts in the form, or a form field that is not a "
+            "file over 500,000 bytes. Send at most 64 frames (the model server's default "
+            "--max-frames), each as a file in the field 'file' "
+            "(with curl: -F file=@photo.jpg, not file=<photo.jpg)"
+        )
+    # The same mistake with a small photo is a 400 saying so (it was "got no files").
+    response = http.post(url + "predict", files=[("file", (None, frame))], timeout=20)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith("The field 'file' came as text, without a file")
+    # The connection is still usable: the server read the whole body, nothing was left over.
+    assert http.get(url + "predict", timeout=10).status_code == 405
 
 
 def test_model_server_overload_is_429_with_retry_after(rate_limited):
@@ -598,6 +636,39 @@ def test_the_web_ui_reconnects_within_seconds_of_the_model_server_returning(tiny
             time.sleep(0.1)
     finally:
         front.close()
+
+
+def test_a_proxy_in_the_environment_is_skipped_for_loopback_only(tiny, monkeypatch):
+    """Found in review: with http_proxy/grpc_proxy set and no no_proxy for 127.0.0.1, gRPC sent
+    the web UI's calls to a loopback model server through the proxy (503 everywhere, as in
+    `make serve` behind a corporate proxy). A model server elsewhere still goes through it."""
+    proxy = support.ConnectProxy(tiny.target)
+    try:
+        for name in ("no_proxy", "NO_PROXY", "no_grpc_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        # gRPC reads these as each channel is made: set before the app's first call.
+        for name, value in support.proxy_env(support.DEAD_PROXY).items():
+            if "proxy" in name.lower():
+                monkeypatch.setenv(name, value)
+        port = tiny.target.rsplit(":", 1)[1]
+        for target in (tiny.target, f"localhost:{port}"):
+            app = make_app(target)
+            try:
+                response = app.test_client().get("/classes")
+                assert response.status_code == 200, response.data
+            finally:
+                app.extensions["har_client"].close()
+        monkeypatch.setenv("grpc_proxy", proxy.url)
+        remote = f"har-model.invalid:{port}"  # only the proxy can reach it
+        app = make_app(remote)
+        try:
+            response = app.test_client().get("/classes")
+            assert response.status_code == 200, response.data
+        finally:
+            app.extensions["har_client"].close()
+        assert proxy.asked and set(proxy.asked) == {remote}
+    finally:
+        proxy.close()
 
 
 def test_a_missed_deadline_is_504(tiny):

@@ -331,6 +331,65 @@ class TcpForwarder:
             conn.close()
 
 
+class ConnectProxy:
+    """A real HTTP CONNECT proxy on a free port: every tunnel goes to `backend` (host:port),
+    whatever it asks for; `asked` records each CONNECT's target, to see who went through."""
+
+    def __init__(self, backend: str):
+        host, port = backend.rsplit(":", 1)
+        self._backend = (host, int(port))
+        self.asked: list[str] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._tunnel, args=(conn,), daemon=True).start()
+
+    def _tunnel(self, conn: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = conn.recv(4096)
+            if not chunk:
+                conn.close()
+                return
+            head += chunk
+        request_line = head.split(b"\r\n", 1)[0].decode()
+        method, target = request_line.split()[:2]
+        if method != "CONNECT":
+            conn.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+            conn.close()
+            return
+        self.asked.append(target)
+        upstream = socket.create_connection(self._backend, timeout=5)
+        upstream.settimeout(None)
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        rest = head.split(b"\r\n\r\n", 1)[1]
+        if rest:
+            upstream.sendall(rest)
+        for a, b in ((conn, upstream), (upstream, conn)):
+            threading.Thread(target=TcpForwarder._pump, args=(a, b), daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+#: A proxy address where nothing listens: whatever is sent through it fails.
+DEAD_PROXY = "http://127.0.0.1:9"
+
+
+def proxy_env(proxy: str) -> dict[str, str]:
+    """Every proxy variable set to `proxy`, none of the no_proxy ones (no exception for
+    loopback): what a shell behind a corporate proxy may have."""
+    names = ("http_proxy", "https_proxy", "grpc_proxy", "HTTP_PROXY", "HTTPS_PROXY")
+    return {**env_without_proxies(), **dict.fromkeys(names, proxy)}
+
+
 class BareGrpcServer(har_pb2_grpc.ActionRecognitionServicer):
     """A minimal har.v1 server in this process, without grpc_server's error details.
 

@@ -71,7 +71,8 @@ def servers(certs, tmp_path_factory):
         for server in started.values():
             _wait_serving(server)
         for server in started.values():
-            assert "(tls)" in server.log_text(), "the server did not say it serves TLS"
+            # "listening on HOST:PORT (tls, N handler threads)"
+            assert "(tls, " in server.log_text(), "the server did not say it serves TLS"
         yield started
     finally:
         for server in started.values():

@@ -52,6 +52,10 @@ def _bad_upload(e: BadUpload):
     return flask.jsonify(error=str(e), code="BAD_REQUEST"), 400
 
 
+#: PredictRequest.top_k is an int32: a larger number cannot even be sent (the model server
+#: refuses more than its number of classes, saying how many it has).
+_TOP_K_MAX = 2**31 - 1
+
 # The model server names an image by its place in the request ("images[1]: truncated ...").
 _IMAGE_FIELD = re.compile(r"\bimages\[(\d+)\]")
 
@@ -91,6 +95,11 @@ def predict():
     """
     files = flask.request.files.getlist("file")  # raises 413 past MAX_CONTENT_LENGTH
     if not files:
+        if "file" in flask.request.form:  # curl -F file=<photo.jpg: the bytes as text
+            raise BadUpload(
+                "The field 'file' came as text, without a file name: send the photo as a file "
+                "(with curl: -F file=@photo.jpg, not file=<photo.jpg)"
+            )
         sent = sorted(flask.request.files) or "no files"
         raise BadUpload(
             "No photo received: send it as multipart/form-data in the field 'file' "
@@ -111,11 +120,12 @@ def predict():
     raw_top_k = flask.request.values.get("top_k", "0")
     try:
         top_k = int(raw_top_k)
-        if top_k < 0:
+        if not 0 <= top_k <= _TOP_K_MAX:
             raise ValueError
     except ValueError:
         raise BadUpload(
-            f"top_k must be a whole number >= 0 (0 = all classes), got {raw_top_k!r}"
+            "top_k must be a whole number from 0 to the number of classes (0 = all classes), "
+            f"got {raw_top_k!r}"
         ) from None
 
     metrics = _metrics()

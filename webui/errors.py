@@ -27,6 +27,15 @@ def _wants_json() -> bool:
 def _message(e: HTTPException) -> str:
     """A message a person can act on, per status code."""
     app = flask.current_app
+    if isinstance(e, FormTooLarge):
+        request = flask.request
+        return (
+            f"Upload refused: more than {request.max_form_parts:,} parts in the form, or a "
+            f"form field that is not a file over {request.max_form_memory_size:,} bytes. Send "
+            f"at most {_MODEL_SERVER_MAX_FRAMES} frames (the model server's default "
+            "--max-frames), each as a file in the field 'file' "
+            "(with curl: -F file=@photo.jpg, not file=<photo.jpg)"
+        )
     if isinstance(e, RequestEntityTooLarge):
         limit_mb = app.config["HAR_MAX_UPLOAD_MB"]
         return (
@@ -50,6 +59,14 @@ def _message(e: HTTPException) -> str:
     return e.description or e.name
 
 
+class FormTooLarge(RequestEntityTooLarge):
+    """The form is over werkzeug's limits (MAX_FORM_PARTS parts, MAX_FORM_MEMORY_SIZE bytes in a
+    field that is not a file) while its body is within MAX_CONTENT_LENGTH: 413."""
+
+
+#: The model server's default --max-frames (har_flax.images.Limits): named in FormTooLarge.
+_MODEL_SERVER_MAX_FRAMES = 64
+
 # Oversized bodies up to this multiple of the limit are read and discarded before the 413 goes
 # out. Without that the server closes the socket while the client is still sending, and the
 # client (or nginx, as a 502) sees a reset instead of the JSON. Bigger bodies are not worth it.
@@ -57,21 +74,37 @@ _DRAIN_FACTOR = 4
 _CHUNK = 1 << 16
 
 
-def _drain_body() -> None:
-    environ = flask.request.environ
-    length = flask.request.content_length or 0
-    if not length or length > _DRAIN_FACTOR * (flask.current_app.config["MAX_CONTENT_LENGTH"] or 0):
-        return
-    stream = environ["wsgi.input"]
-    remaining = length
+def _refine_413(e: RequestEntityTooLarge) -> RequestEntityTooLarge:
+    """Says which limit a werkzeug 413 is about, and reads the unread rest of the body.
+
+    werkzeug raises the same 413 for a Content-Length over MAX_CONTENT_LENGTH (refused from
+    the header, nothing read yet) and for a form over its part or field limits (found while
+    parsing, the body read part of the way). Only the bytes the client is still sending may be
+    read: reading Content-Length bytes again would wait forever on the development server.
+    """
+    request = flask.request
+    length, limit = request.content_length, request.max_content_length
+    if length is None or limit is None or length > limit:
+        # Over the limit (or chunked, and past it): the message about the size is right.
+        if length is not None and limit is not None and length <= _DRAIN_FACTOR * limit:
+            _drain(request.environ["wsgi.input"], length)
+        return e
+    # Within the limit: the form parser stopped. request.stream is the stream it read from,
+    # bounded by Content-Length, so reading it to its end reads exactly what is left.
+    _drain(request.stream, length)
+    return FormTooLarge()
+
+
+def _drain(stream, most: int) -> None:
+    """Reads and discards up to `most` bytes, until the stream ends or the client goes."""
     try:
-        while remaining > 0:
-            chunk = stream.read(min(_CHUNK, remaining))
+        while most > 0:
+            chunk = stream.read(min(_CHUNK, most))
             if not chunk:
                 break
-            remaining -= len(chunk)
-    except OSError:
-        pass  # the client gave up; nothing left to protect
+            most -= len(chunk)
+    except (OSError, HTTPException):
+        pass  # the client gave up (werkzeug's ClientDisconnected): nothing left to protect
 
 
 def _limiter_retry_after(app: flask.Flask) -> str | None:
@@ -89,7 +122,7 @@ def init_app(app: flask.Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
         if isinstance(e, RequestEntityTooLarge) and not isinstance(e, UploadTooLarge):
-            _drain_body()
+            e = _refine_413(e)
         message = _message(e)
         if _wants_json():
             response = flask.jsonify(error=message, code=e.name.upper().replace(" ", "_"))

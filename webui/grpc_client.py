@@ -38,6 +38,7 @@ The JSON body carries the gRPC code, the ErrorInfo reason and any BadRequest vio
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import math
 import os
@@ -71,6 +72,28 @@ DEFAULT_RETRY_AFTER_S = 1.0
 # How soon the channel retries a server that is down. gRPC's default backoff grows to 120 s,
 # so the UI would keep answering 503 for up to two minutes after the server is back.
 _RECONNECT_BACKOFF_MS = {"initial": 500, "min": 500, "max": 2_000}
+
+
+def is_loopback(target: str) -> bool:
+    """Whether a gRPC target names this machine ("127.0.0.1:50051", "localhost:50051",
+    "[::1]:50051", "dns:///localhost:50051", "ipv4:127.0.0.1:50051"), or a Unix socket."""
+    if target.startswith("unix"):
+        return True
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            target = target[len(scheme) :].split(",")[0]
+            break
+    if target.startswith("["):
+        host = target[1:].partition("]")[0]
+    else:
+        host = target.rpartition(":")[0] if target.count(":") == 1 else target
+    if host.lower() in ("localhost", "localhost.", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
 
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -411,6 +434,11 @@ class ModelClient:
         ]
         if self._server_name:
             options.append(("grpc.ssl_target_name_override", self._server_name))
+        if is_loopback(self.target):
+            # http_proxy/https_proxy/grpc_proxy without no_proxy for loopback would send our
+            # calls to the proxy, which cannot reach this machine's 127.0.0.1 (`make serve`
+            # behind a corporate proxy). Other targets keep the proxy, as deployments need.
+            options.append(("grpc.enable_http_proxy", 0))
         if self._tls:
             root, key, chain = self._creds
             creds = grpc.ssl_channel_credentials(root, key, chain)

@@ -200,7 +200,12 @@
     recognizeButton.focus();
   }
 
-  fileInput.addEventListener("change", () => selectFiles(fileInput.files));
+  fileInput.addEventListener("change", () => {
+    const files = Array.from(fileInput.files);
+    // Emptied, so that choosing the same file again (after a drop or paste) is a change too.
+    fileInput.value = "";
+    selectFiles(files);
+  });
   $("choose-button").addEventListener("click", () => fileInput.click());
   changeButton.addEventListener("click", () => fileInput.click());
 
