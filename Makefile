@@ -22,8 +22,8 @@ serve: install
 
 # Two pytest workers (pytest-xdist), one test file each at a time, the slowest files first
 # (tests/conftest.py): most of the suite waits on XLA compiling, one core's work. On a 2-core
-# machine, from a clean checkout: 860-1,064 s of pytest, 15-19 min with the install, in three
-# runs on 2026-11-27 (632 tests at the last); the same machine has taken 1,316 s at times.
+# machine, from a clean checkout: 860-1,181 s of pytest, 15-21 min with the install, in four
+# runs on 2026-11-27 (670 tests at the last); the same machine has taken 1,316 s at times.
 # `make test TEST_WORKERS=0` runs it in one process; plain `pytest` does too.
 TEST_WORKERS ?= 2
 

@@ -254,11 +254,17 @@ def test_failure_after_inference_leaves_the_previous_report(run, tmp_path, monke
     _assert_old_report(out)
 
 
-def test_a_disk_full_while_writing_leaves_the_previous_report_whole(run, tmp_path):
+def test_a_disk_full_while_writing_leaves_the_previous_report_whole(fixed_predictions, tmp_path):
     """A write that fails part-way (here a file-size limit: EFBIG, as ENOSPC would) must not
     leave a report half new: the new report.json beside the old submission.csv."""
+    y_true, y_pred = fixed_predictions
+    m = ev.classification_metrics(y_true, y_pred, CLASSES)
+    probe = ev.classification_metrics(y_true, np.zeros_like(y_pred), CLASSES)
+    report = {"model_dir": "m", "split": "validation", "model": m,
+              "linear_probe": {"description": "probe", "metrics": probe},
+              "fine_tuning_gain": m["accuracy"] - probe["accuracy"]}  # fmt: skip
     new = tmp_path / "new"
-    report = ev.evaluate(run.work, run.data, new, splits=run.splits, probe="none")
+    ev.write_report(report, new, submission="filename,label\nImage_1.jpg,new\n")
     sizes = {p.name: p.stat().st_size for p in new.iterdir()}
     limit = max(sizes["report.json"], sizes["report.md"], sizes["submission.csv"]) + 100
     assert sizes["confusion_matrix.png"] > limit  # so that one cannot be written
