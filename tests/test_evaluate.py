@@ -87,11 +87,8 @@ def test_markdown_and_heat_map_show_the_metrics_they_are_given(fixed_predictions
     """Every number of report.md comes from the right entry of the metrics: the summary rows,
     the per-class table and the confusion matrix with true classes as rows."""
     y_true, y_pred = fixed_predictions
-    m = ev.classification_metrics(y_true, y_pred, CLASSES)
-    probe = ev.classification_metrics(y_true, np.zeros_like(y_pred), CLASSES)
-    report = {"model_dir": "m", "split": "validation", "model": m,
-              "linear_probe": {"description": "probe", "metrics": probe},
-              "fine_tuning_gain": m["accuracy"] - probe["accuracy"]}  # fmt: skip
+    report = _fixed_report(fixed_predictions)
+    m, probe = report["model"], report["linear_probe"]["metrics"]
     rows = {}
     for line in ev.to_markdown(report).splitlines():
         cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
@@ -115,6 +112,16 @@ def test_markdown_and_heat_map_show_the_metrics_they_are_given(fixed_predictions
     rates = ev.row_rates(m["confusion_matrix"])
     np.testing.assert_allclose(rates.sum(axis=1), [1, 1, 1, 0])
     np.testing.assert_allclose(rates[1], np.asarray(m["confusion_matrix"])[1] / (y_true == 1).sum())
+
+
+def _fixed_report(fixed_predictions):
+    """A report of the fixed predictions, with a probe that always predicts class 0."""
+    y_true, y_pred = fixed_predictions
+    m = ev.classification_metrics(y_true, y_pred, CLASSES)
+    probe = ev.classification_metrics(y_true, np.zeros_like(y_pred), CLASSES)
+    return {"model_dir": "m", "split": "validation", "model": m,
+            "linear_probe": {"description": "probe", "metrics": probe},
+            "fine_tuning_gain": m["accuracy"] - probe["accuracy"]}  # fmt: skip
 
 
 def _md_matrix_row(report, name):
@@ -257,12 +264,7 @@ def test_failure_after_inference_leaves_the_previous_report(run, tmp_path, monke
 def test_a_disk_full_while_writing_leaves_the_previous_report_whole(fixed_predictions, tmp_path):
     """A write that fails part-way (here a file-size limit: EFBIG, as ENOSPC would) must not
     leave a report half new: the new report.json beside the old submission.csv."""
-    y_true, y_pred = fixed_predictions
-    m = ev.classification_metrics(y_true, y_pred, CLASSES)
-    probe = ev.classification_metrics(y_true, np.zeros_like(y_pred), CLASSES)
-    report = {"model_dir": "m", "split": "validation", "model": m,
-              "linear_probe": {"description": "probe", "metrics": probe},
-              "fine_tuning_gain": m["accuracy"] - probe["accuracy"]}  # fmt: skip
+    report = _fixed_report(fixed_predictions)
     new = tmp_path / "new"
     ev.write_report(report, new, submission="filename,label\nImage_1.jpg,new\n")
     sizes = {p.name: p.stat().st_size for p in new.iterdir()}

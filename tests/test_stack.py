@@ -127,32 +127,13 @@ def test_gunicorn_logs_an_outage_in_its_own_format_once_and_leaves_nothing(defau
     assert not metrics_dir.exists(), "the instance's own metrics folder is left behind"
 
 
-def test_gunicorn_names_the_form_limit_a_many_part_upload_is_over(tmp_path):
+def test_gunicorn_names_the_form_limit_a_many_part_upload_is_over(gunicorn):
     """Found in review: 1001 small frames (3 MB, over werkzeug's 1000 form parts) were refused
     as "Upload too large: the limit is 10 MiB" under gunicorn (and never answered under the
     development server: see test_webui)."""
-    port = support.free_port()
-    env = support.env_without_proxies()
-    env.update(
-        HAR_WEBUI_BIND=f"127.0.0.1:{port}",
-        HAR_WEBUI_WORKERS="1",
-        HAR_GRPC_TARGET=f"127.0.0.1:{support.free_port()}",  # refused before any call to it
-        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prometheus"),
-    )
-    log_path = tmp_path / "gunicorn.log"
-    url = f"http://127.0.0.1:{port}/"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(DEPLOY / "gunicorn.conf.py")],
-            cwd=support.REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            support.wait_http(url, timeout_s=120, proc=proc, log=log_path)
-            frames = [(f"{i}.jpg", b"\xff\xd8" + b"\0" * 3000, "image/jpeg") for i in range(1001)]
-            body, headers = multipart(frames)
-            status, _, answer = request(url + "predict", data=body, headers=headers)
-        finally:
-            support.stop_process(proc)
+    frames = [(f"{i}.jpg", b"\xff\xd8" + b"\0" * 3000, "image/jpeg") for i in range(1001)]
+    body, headers = multipart(frames)
+    status, _, answer = request(gunicorn["url"] + "predict", data=body, headers=headers)
     assert status == 413, answer
     assert json.loads(answer)["error"].startswith("Upload refused: more than 1,000 parts"), answer
 

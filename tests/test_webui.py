@@ -650,22 +650,21 @@ def test_a_proxy_in_the_environment_is_skipped_for_loopback_only(tiny, monkeypat
         for name, value in support.proxy_env(support.DEAD_PROXY).items():
             if "proxy" in name.lower():
                 monkeypatch.setenv(name, value)
-        port = tiny.target.rsplit(":", 1)[1]
-        for target in (tiny.target, f"localhost:{port}"):
+
+        def assert_classes_answer(target):
             app = make_app(target)
             try:
                 response = app.test_client().get("/classes")
                 assert response.status_code == 200, response.data
             finally:
                 app.extensions["har_client"].close()
+
+        port = tiny.target.rsplit(":", 1)[1]
+        for target in (tiny.target, f"localhost:{port}"):
+            assert_classes_answer(target)
         monkeypatch.setenv("grpc_proxy", proxy.url)
         remote = f"har-model.invalid:{port}"  # only the proxy can reach it
-        app = make_app(remote)
-        try:
-            response = app.test_client().get("/classes")
-            assert response.status_code == 200, response.data
-        finally:
-            app.extensions["har_client"].close()
+        assert_classes_answer(remote)
         assert proxy.asked and set(proxy.asked) == {remote}
     finally:
         proxy.close()
