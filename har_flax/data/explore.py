@@ -205,14 +205,7 @@ def explore(data_dir: str | Path, *, workers: int | None = None) -> dict[str, An
     )
     anomalies.extend(label_problems)
     counts = collections.Counter(labels)
-    for label, n in sorted(counts.items()):
-        if n == 1:
-            e = next(e for e in entries["train"] if e.label == label)
-            anomalies.append(
-                kaggle.Issue("singleton_label", "train", e.filename, e.line,
-                             f"{kaggle.TRAIN_CSV} line {e.line}: label {label!r} has a single "
-                             f"image ({e.filename}); a stratified split needs two")
-            )  # fmt: skip
+    anomalies.extend(kaggle.singleton_labels(entries["train"]))  # the words training stops with
 
     # Images: every listed file opened once; unlisted files in the folders noted.
     image_summary: dict[str, Any] = {}
