@@ -121,6 +121,8 @@ out = pathlib.Path(sys.argv[1])
 for log in sorted(out.glob("*.log")):
     text = log.read_text()
     start = 0 if text.startswith("{") else text.find("\n{") + 1
+    if start == 0 and not text.startswith("{"):
+        continue  # no JSON object (the predict table, the probe's lines)
     try:  # the first JSON object at a line's start; lines after it (a profile) are ignored
         r, _ = json.JSONDecoder().raw_decode(text, start)
     except ValueError:
