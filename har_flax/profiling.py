@@ -29,8 +29,18 @@ def op_sources(hlo_text: str) -> dict[str, str]:
     return {name: source for name, source in _INSTRUCTION.findall(hlo_text)}
 
 
-def part_of(source: str) -> str:
-    """The part of a train step that an op with this op_name belongs to."""
+# On a GPU, XLA launches sequences of kernels as CUDA graphs ("command buffers"): the trace
+# shows each as one op, `command_buffer_N`, with no source path, whatever parts its kernels
+# belong to.
+_COMMAND_BUFFER = re.compile(r"^command_buffer(?:[._]\d+)?$")
+COMMAND_BUFFERS = "CUDA graphs (not broken down)"
+NO_COMMAND_BUFFERS = "XLA_FLAGS=--xla_gpu_enable_command_buffer="  # each kernel on its own
+
+
+def part_of(source: str, op: str = "") -> str:
+    """The part of a train step that an op with this op_name (and HLO name `op`) belongs to."""
+    if not source and _COMMAND_BUFFER.match(op):
+        return COMMAND_BUFFERS
     for key, part in _SCOPED:
         if key in source:
             return part
@@ -79,6 +89,12 @@ class Profile:
             lines.append(f"| {op.name} | {op.part} | {op.ms_per_step:.3f} | {source} |")
         if self.unattributed_events:
             lines.append(f"\n{self.unattributed_events} events had no hlo_op (kernel names shown).")
+        if COMMAND_BUFFERS in self.parts:
+            lines.append(
+                f"\n{self.parts[COMMAND_BUFFERS]:.3f} ms per step ran in CUDA graphs, which the "
+                f"trace does not break down by part: trace with {NO_COMMAND_BUFFERS} set to "
+                "see each kernel (that also changes the step's time a little)."
+            )
         return "\n".join(lines)
 
 
@@ -120,7 +136,7 @@ def summarize(trace_dir: Path, hlo_text: str, module: str, steps: int) -> Profil
             f"(modules seen: {sorted(modules_seen)})"
         )
     ops = [
-        OpTime(name, part_of(sources.get(name, "")), sources.get(name, ""), ns / 1e6 / steps)
+        OpTime(name, part_of(sources.get(name, ""), name), sources.get(name, ""), ns / 1e6 / steps)
         for name, ns in per_op.items()
     ]
     ops.sort(key=lambda o: -o.ms_per_step)

@@ -77,8 +77,11 @@ section train_default 200 "$py" $bt
 # 2. Where that step's time goes: a jax.profiler trace of 5 steps, per part (augmentation,
 #    backbone forward/backward, LSTM, head, optimiser) and per XLA op, after the step's
 #    timings (printed first). Another epoch length is another program: it compiles again.
-section train_profile 120 "$py" $bt --epoch-images 2560 --steps 10 --repeats 1 \
-  --profile /tmp/har-profile --profile-steps 5
+#    Without CUDA graphs ("command buffers"): the trace shows each graph as one op with no
+#    source (2026-11-27: 13 of the step's 20 ms), so this run launches every kernel on its
+#    own. Its step time is the step's without CUDA graphs, not the headline figure.
+section train_profile 120 env XLA_FLAGS="--xla_gpu_enable_command_buffer= ${XLA_FLAGS:-}" \
+  "$py" $bt --epoch-images 2560 --steps 10 --repeats 1 --profile /tmp/har-profile --profile-steps 5
 # 3. Training from scratch (model.pretrained=none): BatchNorm in training mode, on the
 #    batch's statistics (the headline row of the leases of 2026-11-26 and 2026-11-27).
 section train_bn_training 150 "$py" $bt $fixed --set model.freeze_backbone_batchnorm=false
@@ -129,7 +132,7 @@ for log in sorted(out.glob("*.log")):
         continue
     keys = ["device", "depthwise_impl", "backbone_batchnorm_frozen", "augment", "step_ms",
             "step_ms_each_repeat", "train_step_images_per_sec", "epoch_seconds", "epoch_images_per_sec",
-            "input_images_per_sec", "warmup_seconds", "final_loss", "nonfinite_steps"]
+            "input_images_per_sec", "warmup_seconds", "final_loss", "nonfinite_steps", "xla_flags"]
     print(log.stem, {k: r[k] for k in keys if k in r})
     for line in text.splitlines():
         if line.startswith(("profile_ms_per_step ", "profile failed")):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import statistics
 import sys
 import time
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         "source": "memory" if args.data_dir is None else "prepared arrays",
         "epoch_images": spe * bs,
     }
+    if os.environ.get("XLA_FLAGS"):  # they change the program (bench_gpu.sh's profile sets one)
+        env["xla_flags"] = os.environ["XLA_FLAGS"]
 
     # The input path alone (gather, copy to the devices, prefetch): the rate it can feed.
     input_times = []

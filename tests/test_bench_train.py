@@ -37,9 +37,12 @@ def test_step_epoch_input_path_and_profile_on_memory(tmp_path):
         "--config", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
         "--repeats", "1", "--epoch-images", "24", "--profile", str(tmp_path / "trace"),
         "--profile-steps", "2", "--set", "model.pretrained=tflite",
-        env={"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")},
+        # (bench_gpu.sh traces the GPU without CUDA graphs; the flag is accepted on a CPU too.)
+        env={"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
+             "XLA_FLAGS": "--xla_gpu_enable_command_buffer="},
     )  # fmt: skip
     assert r["device"] and r["source"] == "memory" and r["epoch_images"] == 24
+    assert r["xla_flags"] == "--xla_gpu_enable_command_buffer="  # it changes the program: said
     # A pretrained config's step, as it trains: its backbone BatchNorm frozen (no weights are
     # loaded: they do not change the speed).
     assert r["backbone_batchnorm_frozen"] is True
@@ -96,3 +99,25 @@ def test_profile_attributes_ops_by_their_source():
         "": "other",
     }  # fmt: skip
     assert {source: part_of(source) for source in cases} == cases
+
+
+def test_profile_names_cuda_graphs_it_cannot_break_down():
+    # On the H200 (2026-11-27) 13 of the step's 20 ms were `command_buffer_N` ops: CUDA graphs,
+    # no source path. They were counted as "other" (the loss, the bookkeeping), which misled.
+    from har_flax.profiling import COMMAND_BUFFERS, OpTime, Profile, part_of
+
+    assert part_of("", "command_buffer_823") == COMMAND_BUFFERS
+    assert part_of("", "command_buffer") == COMMAND_BUFFERS
+    assert part_of("", "fusion.3") == "other"  # an op without a source, not a graph
+    src = "jit(_train_step)/jvp(CNNLSTM)/vmap(backbone)/Conv1/conv_general_dilated"
+    assert part_of(src, "command_buffer_1") == "backbone forward"  # its source decides
+
+    ops = [OpTime("command_buffer_823", COMMAND_BUFFERS, "", 13.327),
+           OpTime("cudnn-conv.44", "backbone forward", src, 1.786)]  # fmt: skip
+    table = Profile("/device:GPU:0", {COMMAND_BUFFERS: 13.327, "backbone forward": 1.786}, ops, 0)
+    text = table.table()
+    assert f"| {COMMAND_BUFFERS} | 13.327 | 88.2% |" in text, text
+    assert "13.327 ms per step ran in CUDA graphs" in text, text
+    assert "XLA_FLAGS=--xla_gpu_enable_command_buffer=" in text, text
+    plain = Profile("/host:CPU", {"backbone forward": 1.786}, ops[1:], 0).table()
+    assert "CUDA graphs" not in plain, plain
