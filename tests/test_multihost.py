@@ -100,8 +100,12 @@ def _two_processes(
     finally:
         for p in procs:
             p.kill()
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == returncode, err[-3000:]
+    codes = [p.returncode for p in procs]
+    # Both processes' ends: the one that failed first is not always the one that says why.
+    assert codes == [returncode] * 2, "\n".join(
+        f"--- process {i} (exit status {code}) ---\n{err[-3000:]}"
+        for i, (code, (_, err)) in enumerate(zip(codes, outs, strict=True))
+    )
     return outs
 
 
