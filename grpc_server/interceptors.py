@@ -20,7 +20,7 @@ from concurrent import futures
 import grpc
 from google.protobuf.message import DecodeError
 
-from grpc_server.errors import RpcFailure, unavailable
+from grpc_server.errors import RpcFailure, deadline_passed, unavailable
 from grpc_server.metrics import Metrics
 from har_flax.images import human_bytes
 
@@ -562,10 +562,11 @@ def _final_code(context: grpc.ServicerContext, raised: bool) -> grpc.StatusCode:
     if code is not None:
         return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code)
     if not context.is_active():
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            return grpc.StatusCode.DEADLINE_EXCEEDED
-        return grpc.StatusCode.CANCELLED
+        return (
+            grpc.StatusCode.DEADLINE_EXCEEDED
+            if deadline_passed(context)
+            else grpc.StatusCode.CANCELLED
+        )
     return grpc.StatusCode.UNKNOWN if raised else grpc.StatusCode.OK
 
 

@@ -19,7 +19,13 @@ from grpc_server.batcher import (
     DynamicBatcher,
     QueueFullError,
 )
-from grpc_server.errors import RpcFailure, handle_failures, invalid_argument, unavailable
+from grpc_server.errors import (
+    RpcFailure,
+    deadline_passed,
+    handle_failures,
+    invalid_argument,
+    unavailable,
+)
 from grpc_server.interceptors import annotate, call_arrival
 from har_flax.images import ImageError, ImageTooLargeError, PrepareCancelled
 from har_flax.proto.har.v1 import har_pb2, har_pb2_grpc
@@ -221,8 +227,7 @@ class ActionRecognitionServicer(har_pb2_grpc.ActionRecognitionServicer):
 
         def on_done():
             # Runs when the call ends for any reason; a no-op once the ticket has its answer.
-            expired = ticket.deadline is not None and time.monotonic() >= ticket.deadline
-            batcher.cancel(ticket, "deadline" if expired else "cancelled")
+            batcher.cancel(ticket, "deadline" if deadline_passed(context) else "cancelled")
 
         if not context.add_callback(on_done):
             on_done()  # The call had already ended.
@@ -237,8 +242,7 @@ class ActionRecognitionServicer(har_pb2_grpc.ActionRecognitionServicer):
 
 def _gone(context, during: str = "the request waited for the model") -> RpcFailure:
     """The failure for a call that ended (deadline or cancel) before the model ran it."""
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if deadline_passed(context):
         return RpcFailure(
             grpc.StatusCode.DEADLINE_EXCEEDED,
             f"the deadline passed while {during}; allow more time or retry when the server is "
