@@ -112,6 +112,15 @@ def unavailable(message: str, reason: str, retry_after_s: float = 1.0) -> RpcFai
     )
 
 
+def shutting_down() -> RpcFailure:
+    """A call the server will not run because it is shutting down: the client retries, and
+    another replica answers."""
+    return unavailable(
+        "the server is shutting down; retry and another replica will answer",
+        reason="SHUTTING_DOWN",
+    )
+
+
 def abort(context: grpc.ServicerContext, failure: RpcFailure):
     """Ends the call with `failure` (raises, as `context.abort_with_status` does)."""
     context.abort_with_status(failure.to_status())

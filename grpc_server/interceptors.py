@@ -20,7 +20,7 @@ from concurrent import futures
 import grpc
 from google.protobuf.message import DecodeError
 
-from grpc_server.errors import RpcFailure, deadline_passed, unavailable
+from grpc_server.errors import RpcFailure, deadline_passed, shutting_down
 from grpc_server.metrics import Metrics
 from har_flax.images import human_bytes
 
@@ -341,11 +341,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
             return None
         method = handler_call_details.method
         if method in DRAINED_METHODS and self._draining.is_set():
-            failure = unavailable(
-                "the server is shutting down; retry and another replica will answer",
-                reason="SHUTTING_DOWN",
-            )
-            return _refusal(handler, failure, self._refusals)
+            return _refusal(handler, shutting_down(), self._refusals)
         if method.startswith(FAST_METHODS):
             return _replace_behavior(handler, run_on(self._fast))
         if method == PREDICT and self._pool.pending >= self.limit:

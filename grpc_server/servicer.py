@@ -24,6 +24,7 @@ from grpc_server.errors import (
     deadline_passed,
     handle_failures,
     invalid_argument,
+    shutting_down,
     unavailable,
 )
 from grpc_server.interceptors import annotate, call_arrival
@@ -220,10 +221,7 @@ class ActionRecognitionServicer(har_pb2_grpc.ActionRecognitionServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), reason="OVERLOADED", retry_after_s=0.5
             ) from None
         except BatcherClosedError:
-            raise unavailable(
-                "the server is shutting down; retry and another replica will answer",
-                reason="SHUTTING_DOWN",
-            ) from None
+            raise shutting_down() from None
 
         def on_done():
             # Runs when the call ends for any reason; a no-op once the ticket has its answer.
