@@ -958,7 +958,7 @@ def _track_early_stopping(
         progress["epochs_without_improvement"] += 1
     else:
         progress["epochs_without_improvement"] = 0
-    if progress["epochs_without_improvement"] >= tc.early_stopping_patience:
+    if _out_of_patience(progress, tc):
         progress["stopped_early"] = True
     progress["finished"] = progress["stopped_early"] or epoch + 1 == tc.epochs
     return improved
@@ -969,10 +969,15 @@ def _patience_used_up(progress: dict[str, Any], tc: TrainConfig) -> bool:
     already used up (the rule is otherwise applied only as an epoch ends, so the run would
     train another epoch first). Marks ``progress`` stopped early and finished if so; nothing
     is saved (the latest checkpoint holds this state: each rerun decides the same)."""
-    if progress["finished"] or progress["epochs_without_improvement"] < tc.early_stopping_patience:
+    if progress["finished"] or not _out_of_patience(progress, tc):
         return False
     progress["stopped_early"] = progress["finished"] = True
     return True
+
+
+def _out_of_patience(progress: dict[str, Any], tc: TrainConfig) -> bool:
+    """The early-stopping rule: ``early_stopping_patience`` epochs without a new best."""
+    return progress["epochs_without_improvement"] >= tc.early_stopping_patience
 
 
 def _new_sums() -> dict[str, float]:
